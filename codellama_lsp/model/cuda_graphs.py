@@ -1,0 +1,239 @@
+"""A fast path for single-token decode steps: CUDA graphs of the unchanged Transformer forward.
+
+Why: a 7B decode step at batch 1 launches about a thousand small kernels. Eager PyTorch spends
+longer launching them than the GPU spends reading the weights; replaying a captured graph leaves
+only the kernels. Graphs need static shapes, so every step is put in a bucket:
+
+- rows are padded up to the next batch bucket (1, 2, 4, 8, 16, ... and the cache's row count);
+- the attended key length `kv_len` is rounded up on a coarse grid (`kv_bucket`), so attention
+  reads about the used part of the cache, never all of `max_seq_len`.
+
+Pad rows must never change what a live row will read. With `pad_slot` (a cache row no request
+uses) they write position 0 of that row. Without one they write one position past row 0's newest
+token, in row 0's own slot: nothing reads that position before row 0's next step overwrites it
+(the same argument as the plain loop's right padding), and a slot's remembered prefix for reuse
+never extends past its fed tokens. That needs `kv_len < max_seq_len`; otherwise the step runs
+eagerly.
+
+Exactness: a real row computes the same function as the eager forward (masked extra keys add
+exact zeros). Kernels chosen for a padded shape may round differently in the last bit, so greedy
+ties within bf16 rounding can differ; the benchmarks report them.
+
+    decoder = GraphedDecoder(model, cache)          # graphs on CUDA, plain forward on CPU
+    logits = decoder.decode(tokens, start_pos, slots, kv_len)   # [B, V] float32
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from codellama_lsp.model import parallel
+from codellama_lsp.model.kv_cache import KVCache
+from codellama_lsp.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["eager", "padded", "graphs"]
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # tokens [B, 1], start_pos [B], slots [B]
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+# Keys are bucketed in multiples of this up to 16x it, then in sixteenths of the next power of
+# two: at most 12.5% more keys than needed past 4096, and 8 graphs per doubling of the context.
+DEFAULT_KV_STEP = 256
+
+
+@dataclass(frozen=True)
+class Bucket:
+    batch: int
+    kv_len: int
+
+
+# -- bucketing (pure) ----------------------------------------------------------------------------
+def batch_buckets(max_rows: int) -> tuple[int, ...]:
+    """Powers of two up to `max_rows`, and `max_rows` itself."""
+    powers = {1 << i for i in range(max_rows.bit_length()) if 1 << i <= max_rows}
+    return tuple(sorted(powers | {max_rows}))
+
+
+def kv_bucket(kv_len: int, max_seq_len: int, step: int = DEFAULT_KV_STEP) -> int:
+    """`kv_len` rounded up on the grid of the module docstring, at most `max_seq_len`."""
+    grain = max(step, (1 << (kv_len - 1).bit_length()) // 16)
+    return min(-(-kv_len // grain) * grain, max_seq_len)
+
+
+def kv_buckets(max_seq_len: int, step: int = DEFAULT_KV_STEP) -> tuple[int, ...]:
+    """Every distinct `kv_bucket` value up to `max_seq_len` (what `capture` pre-records)."""
+    out, n = [], 1
+    while n <= max_seq_len:
+        out.append(kv_bucket(n, max_seq_len, step))
+        n = out[-1] + 1
+    return tuple(out)
+
+
+# -- padding (tensors, no host sync) -------------------------------------------------------------
+def pad_rows(inputs: Inputs, batch: int, pad_slot: int | None) -> Inputs:
+    """Append `batch - B` pad rows that write only where no live row will read (see above)."""
+    tokens, start_pos, slots = inputs
+    extra = batch - tokens.shape[0]
+    if extra <= 0:
+        return inputs
+    if pad_slot is None:
+        pad_pos, pad_slots = start_pos[:1] + 1, slots[:1]
+    else:
+        pad_pos, pad_slots = torch.zeros_like(start_pos[:1]), torch.full_like(slots[:1], pad_slot)
+    return (
+        torch.cat([tokens, tokens[:1].expand(extra, -1)]),
+        torch.cat([start_pos, pad_pos.expand(extra)]),
+        torch.cat([slots, pad_slots.expand(extra)]),
+    )
+
+
+# -- one captured graph --------------------------------------------------------------------------
+class _Graph:
+    """One bucket's decode step, recorded once: static inputs in, static logits out."""
+
+    def __init__(self, step: Step, inputs: Inputs, kv_len: int, pool: Any) -> None:
+        # Warm up and capture with the caller's real inputs: the warm-up then writes exactly what
+        # this step writes anyway, so capturing in the middle of serving corrupts nothing.
+        self.inputs: Inputs = (inputs[0].clone(), inputs[1].clone(), inputs[2].clone())
+        _warm_up(step, self.inputs, kv_len)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.output = step(*self.inputs, kv_len)
+
+    def run(self, inputs: Inputs) -> torch.Tensor:
+        for static, new in zip(self.inputs, inputs, strict=True):
+            static.copy_(new)
+        self.graph.replay()
+        return self.output
+
+
+def _warm_up(step: Step, inputs: Inputs, kv_len: int) -> None:
+    # On a side stream, as torch.cuda.graphs asks: lazy inits (cuBLAS workspaces) stay out of it.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(inputs[0], inputs[1], inputs[2], kv_len)
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def make_step(model: Transformer, cache: KVCache, compile_mode: str | None = None) -> Step:
+    """The decode step as a function of the inputs; optionally through torch.compile."""
+
+    def step(
+        tokens: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        logits: torch.Tensor = model(tokens, start_pos, cache, slots, kv_len)
+        return logits[:, -1]
+
+    if compile_mode is None:
+        return step
+    # Static shapes: one compilation per bucket (dynamo's recompile limit caps how many).
+    return torch.compile(step, mode=compile_mode, dynamic=False)  # type: ignore[return-value]
+
+
+# -- the decoder ---------------------------------------------------------------------------------
+class GraphedDecoder:
+    """Decode steps `[B, 1]` through per-bucket CUDA graphs, or eagerly where graphs cannot run.
+
+    `mode`: "graphs" (CUDA only), "padded" (the bucketing and padding without graphs: what the CPU
+    tests check), "eager" (the plain forward). Default: graphs on CUDA in a world of one rank
+    (`allow_collectives` captures fairscale's NCCL all-reduces too: untested), else eager.
+    `compile_mode` runs the step through torch.compile; with "reduce-overhead" inductor records
+    its own graphs, so the mode becomes "padded".
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        cache: KVCache,
+        *,
+        mode: Mode | None = None,
+        pad_slot: int | None = None,
+        kv_step: int = DEFAULT_KV_STEP,
+        compile_mode: str | None = None,
+        allow_collectives: bool = False,
+    ) -> None:
+        self.cache, self.pad_slot, self.kv_step = cache, pad_slot, kv_step
+        self.mode = _resolve_mode(mode, cache.device, compile_mode, allow_collectives)
+        self.buckets = batch_buckets(cache.max_batch_size)
+        self._step = make_step(model, cache, compile_mode)
+        self._eager_step = make_step(model, cache)
+        self._graphs: dict[Bucket, _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.mode == "graphs" else None
+        self.stats: Counter[str] = Counter()  # steps per path, graphs captured
+
+    @torch.inference_mode()
+    def decode(
+        self, tokens: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """Next-token logits `[B, V]` (float32) of `tokens [B, 1]`, as `model(...)[:, -1]`."""
+        inputs = (tokens, start_pos, slots)
+        bucket = self.bucket_for(tokens.shape[0], kv_len, tokens.shape[1])
+        if self.mode == "eager" or bucket is None:
+            self.stats["eager"] += 1
+            return self._eager_step(*inputs, kv_len)
+        n, padded = tokens.shape[0], pad_rows(inputs, bucket.batch, self.pad_slot)
+        self.stats[self.mode] += 1
+        if self.mode == "padded":
+            return self._step(*padded, bucket.kv_len)[:n]
+        return self._graph(bucket, padded).run(padded)[:n].clone()
+
+    def bucket_for(self, rows: int, kv_len: int, width: int = 1) -> Bucket | None:
+        """The bucket of a step, or None when it must run eagerly."""
+        batch = next((b for b in self.buckets if b >= rows), None)
+        if width != 1 or batch is None or kv_len > self.cache.max_seq_len:
+            return None
+        if batch > rows and self.pad_slot is None and kv_len >= self.cache.max_seq_len:
+            return None  # row 0 may sit at the last position: no dead position past it
+        return Bucket(batch, kv_bucket(kv_len, self.cache.max_seq_len, self.kv_step))
+
+    @torch.inference_mode()
+    def capture(self, batch_sizes: Sequence[int] = (), max_kv_len: int | None = None) -> int:
+        """Record graphs ahead of the first requests; returns how many are held.
+
+        Only while the cache holds nothing of value (engine start): the warm-ups write position
+        0 of `pad_slot` (or slot 0). Later buckets are recorded on first use, safely.
+        """
+        if self.mode != "graphs":
+            return 0
+        limit = min(max_kv_len or self.cache.max_seq_len, self.cache.max_seq_len)
+        for batch in batch_sizes or self.buckets:
+            for kv_len in kv_buckets(limit, self.kv_step):
+                self._graph(Bucket(batch, kv_len), self._dummy_inputs(batch))
+        return len(self._graphs)
+
+    def _graph(self, bucket: Bucket, inputs: Inputs) -> _Graph:
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            graph = _Graph(self._step, inputs, bucket.kv_len, self._pool)
+            self._graphs[bucket] = graph
+            self.stats["captured"] += 1
+            log.debug("captured a decode graph for %s", bucket)
+        return graph
+
+    def _dummy_inputs(self, batch: int) -> Inputs:
+        device, slot = self.cache.device, self.pad_slot or 0
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        return zeros[:, None].clone(), zeros.clone(), zeros + slot
+
+
+def _resolve_mode(
+    mode: Mode | None, device: torch.device, compile_mode: str | None, allow_collectives: bool
+) -> Mode:
+    on_cuda = device.type == "cuda"
+    single = not parallel.is_initialized() or parallel.model_parallel_world_size() == 1
+    if mode is None:
+        mode = "graphs" if on_cuda and (single or allow_collectives) else "eager"
+    if mode == "graphs" and not on_cuda:
+        log.info("CUDA graphs need a CUDA cache; decoding with padded eager steps")
+        mode = "padded"
+    if mode == "graphs" and compile_mode == "reduce-overhead":
+        mode = "padded"  # inductor records the graphs itself
+    return mode

@@ -1,0 +1,332 @@
+"""The continuous-batching engine: many requests share one model and one KV cache.
+
+Each request owns a cache slot while it runs. `step()` does, in order:
+  1. cancellations (their slots are free again in this same step),
+  2. one decode forward for every running request together (`tokens [B, 1]`, each row at its own
+     position in its own slot),
+  3. admission: queued requests take free slots and are prefilled, which yields their first token.
+Finished requests leave their slot with the tokens its cache holds; a later request with the same
+prefix reuses those positions and prefills only its new tail (see `engine_slots`).
+
+Model parallelism: every rank runs the same Engine in lockstep with the same requests. Only rank 0
+samples; the chosen ids are broadcast (`parallel.broadcast_tensor`), so all ranks feed the same
+tokens even where their logits differ in the last bit (all-reduce order, kernels). Seeding every
+rank alike would work only as long as the logits were bitwise equal everywhere, which nothing
+guarantees; one tiny broadcast per step costs nothing beside the forward's own all-reduces.
+Everything else the engine decides (stops, lengths, slots) follows from those ids and from the
+requests, so the ranks never disagree. Only rank 0's events are meant to be used: other ranks
+compute logprobs from their own logits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from codellama_lsp.errors import ConfigError, WorkerError
+from codellama_lsp.model import parallel, sampling
+from codellama_lsp.model.engine_events import EngineFailure, FailureKind, failure
+from codellama_lsp.model.engine_slots import Slot, SlotTable
+from codellama_lsp.model.transformer import Transformer
+from codellama_lsp.model.types import EngineRequest, Event, FinishEvent, FinishReason, TokenEvent
+
+# Prompts are prefilled in chunks of this many tokens: the logits of a chunk are [T, vocab]
+# float32 (2048 x 32016 x 4 bytes = 262 MB), so one long prompt cannot take all the memory.
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+@dataclass
+class _Running:
+    request: EngineRequest
+    slot: Slot
+    cached: int  # prompt positions reused from an earlier request
+    generator: torch.Generator | None
+    pending: int = -1  # the last sampled id: it is fed (and cached) by the next decode
+    generated: int = 0
+    prompt_logprobs: tuple[float, ...] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def position(self) -> int:
+        """Where the pending token goes: the cache holds exactly the slot's tokens."""
+        return len(self.slot.tokens)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_batch_size: int,
+        max_seq_len: int,
+        device: str | torch.device,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise ConfigError("the engine needs max_batch_size >= 1 and max_seq_len >= 2")
+        if max_seq_len > model.max_seq_len:
+            raise ConfigError(
+                f"max_seq_len {max_seq_len} exceeds the model's rotary table ({model.max_seq_len})"
+            )
+        self.model = model
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.vocab_size = model.args.vocab_size
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.cache = model.new_cache(max_batch_size, max_seq_len)
+        self.slots = SlotTable(max_batch_size)
+        self._queue: deque[EngineRequest] = deque()
+        self._running: dict[str, _Running] = {}  # in admission order: the newest is last
+        self._cancels: set[str] = set()
+        self._samples = parallel.model_parallel_rank() == 0
+
+    # -- the public API --------------------------------------------------------------------------
+    def add(self, request: EngineRequest) -> None:
+        """Queue a request; it joins at the next step with a free slot."""
+        rid = request.request_id
+        if rid in self._running or any(r.request_id == rid for r in self._queue):
+            raise WorkerError(f"request id {rid!r} is already in use")
+        self._queue.append(request)
+
+    def cancel(self, request_id: str) -> None:
+        """Finish the request with reason 'cancelled' at the next step (unknown ids: ignored)."""
+        self._cancels.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._queue or self._running or self._cancels)
+
+    def running(self) -> int:
+        return len(self._running)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        self._apply_cancels(events)
+        if self._running:
+            self._decode(events)
+        self._admit(events)
+        return events
+
+    # -- cancellation ----------------------------------------------------------------------------
+    def _apply_cancels(self, events: list[Event]) -> None:
+        cancels, self._cancels = self._cancels, set()
+        for rid in cancels:
+            if rid in self._running:
+                self._finish(self._running[rid], "cancelled", events)
+        queued = [r for r in self._queue if r.request_id in cancels]
+        for request in queued:
+            self._queue.remove(request)
+            n = len(request.prompt_tokens)
+            events.append(FinishEvent(request.request_id, "cancelled", prompt_tokens=n))
+
+    # -- decode ----------------------------------------------------------------------------------
+    def _decode(self, events: list[Event]) -> None:
+        rows = list(self._running.values())
+        while rows:
+            try:
+                logits = self._decode_forward(rows)
+                break
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                # Fail the newest request (it most likely pushed memory over) and try the rest.
+                self._fail(rows.pop(), "oom", _oom_message("decoding", exc), events)
+        else:
+            return
+        for run in rows:
+            run.slot.tokens.append(run.pending)
+        ids, logprobs = self._sample(rows, logits)
+        for run, token, logprob in zip(rows, ids, logprobs, strict=True):
+            self._accept(run, token, logprob, events)
+
+    def _decode_forward(self, rows: list[_Running]) -> torch.Tensor:
+        tokens = self._tensor([[run.pending] for run in rows])
+        start_pos = self._tensor([run.position for run in rows])
+        slots = self._tensor([run.slot.index for run in rows])
+        kv_len = max(run.position for run in rows) + 1  # a Python int: no host sync
+        return self.model.forward(tokens, start_pos, self.cache, slots, kv_len)[:, -1]
+
+    # -- admission and prefill -------------------------------------------------------------------
+    def _admit(self, events: list[Event]) -> None:
+        while self._queue and self.slots.has_free():
+            request = self._queue.popleft()
+            problem = self._validate(request)
+            if problem is not None:
+                n = len(request.prompt_tokens)
+                events.append(failure(request.request_id, "invalid", problem, prompt_tokens=n))
+                continue
+            self._start(request, events)
+
+    def _validate(self, request: EngineRequest) -> str | None:
+        prompt, params = request.prompt_tokens, request.params
+        if not prompt:
+            return "the prompt is empty: it needs at least one token (BOS)"
+        if len(prompt) > self.max_seq_len:
+            return (
+                f"the prompt has {len(prompt)} tokens but max_seq_len is {self.max_seq_len}: "
+                "shorten the prompt or raise max_seq_len"
+            )
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            return f"the prompt holds a token id outside 0..{self.vocab_size - 1}"
+        if params.max_gen_len < 0:
+            return f"max_gen_len must not be negative, got {params.max_gen_len}"
+        if params.temperature < 0 or not 0.0 < params.top_p <= 1.0:
+            return "temperature must be >= 0 and top_p in (0, 1]"
+        return None
+
+    def _start(self, request: EngineRequest, events: list[Event]) -> None:
+        prompt, params = request.prompt_tokens, request.params
+        # Prompt logprobs need the logits of every prompt position: no reuse for those.
+        place = self.slots.place(prompt, allow_reuse=not (params.echo and params.logprobs))
+        if place.copy_from is not None:
+            self.cache.copy_slot(place.copy_from, place.slot, place.reuse)
+        slot = self.slots.acquire(place.slot, prompt[: place.reuse])
+        run = _Running(request, slot, place.reuse, self._generator(request))
+        self._running[request.request_id] = run
+        try:
+            last_logits = self._prefill(run)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._fail(run, "oom", _oom_message("reading the prompt", exc), events)
+            return
+        budget = min(params.max_gen_len, self.max_seq_len - len(prompt))
+        if budget <= 0:
+            message = "" if params.max_gen_len == 0 else self._full_message()
+            self._finish(run, "length", events, message)
+            return
+        ids, logprobs = self._sample([run], last_logits[None])
+        self._accept(run, ids[0], logprobs[0], events)
+
+    def _prefill(self, run: _Running) -> torch.Tensor:
+        """Run the prompt's tail through the model in chunks; the last position's logits."""
+        prompt, params = run.request.prompt_tokens, run.request.params
+        want_prompt_logprobs = params.echo and params.logprobs
+        # As the reference's echo: 0.0 for the first token, which nothing predicts.
+        prompt_logprobs: list[float] = [0.0]
+        start = run.position
+        slots = self._tensor([run.slot.index])
+        while True:
+            chunk = prompt[start : start + self.prefill_chunk]
+            end = start + len(chunk)
+            logits = self.model.forward(
+                self._tensor([list(chunk)]), self._tensor([start]), self.cache, slots, end
+            )[0]
+            run.slot.tokens.extend(chunk)
+            if want_prompt_logprobs:
+                prompt_logprobs.extend(_next_token_logprobs(logits, prompt[start + 1 : end + 1]))
+            if end == len(prompt):
+                break
+            start = end
+        if want_prompt_logprobs:
+            run.prompt_logprobs = tuple(prompt_logprobs)
+        return logits[-1]
+
+    # -- sampling --------------------------------------------------------------------------------
+    def _generator(self, request: EngineRequest) -> torch.Generator | None:
+        # Only rank 0 draws. Without a seed, the default generator (as the reference).
+        params = request.params
+        if not self._samples or params.temperature <= 0:
+            return None
+        return sampling.make_generator(params.seed, self.device)
+
+    def _sample(
+        self, rows: list[_Running], logits: torch.Tensor
+    ) -> tuple[list[int], list[float | None]]:
+        """Rank 0 chooses each row's next id; every rank gets them by broadcast."""
+        params = [run.request.params for run in rows]
+        if not self._samples:
+            chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        elif any(p.temperature > 0 for p in params):
+            # The same call as the plain loop's: a seeded row draws alone from its generator.
+            temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+            top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+            generators = [run.generator for run in rows]
+            chosen = sampling.sample(logits, temperature, top_p, generators)
+        else:
+            chosen = sampling.greedy(logits)
+        parallel.broadcast_tensor(chosen, src=0)
+        ids: list[int] = chosen.tolist()
+        logprobs: list[float | None] = [None] * len(rows)
+        if any(p.logprobs for p in params):
+            # The reference's logprobs: of the raw logits, whatever the temperature.
+            values = sampling.token_logprobs(logits, chosen).tolist()
+            logprobs = [v if p.logprobs else None for p, v in zip(params, values, strict=True)]
+        return ids, logprobs
+
+    def _accept(self, run: _Running, token: int, logprob: float | None, events: list[Event]) -> None:
+        """Report a sampled id, then finish the request or keep it for the next decode."""
+        params = run.request.params
+        if token in params.stop_ids:
+            self._finish(run, "stop", events)
+            return
+        events.append(TokenEvent(run.request_id, token, logprob))
+        run.generated += 1
+        run.pending = token
+        total = len(run.request.prompt_tokens) + run.generated
+        if run.generated >= params.max_gen_len:
+            self._finish(run, "length", events)
+        elif total >= self.max_seq_len:
+            self._finish(run, "length", events, self._full_message())
+
+    def _full_message(self) -> str:
+        return f"stopped at max_seq_len ({self.max_seq_len} tokens, prompt included)"
+
+    # -- leaving ---------------------------------------------------------------------------------
+    def _finish(
+        self, run: _Running, reason: FinishReason, events: list[Event], message: str = ""
+    ) -> None:
+        self._release(run)
+        events.append(
+            FinishEvent(
+                run.request_id,
+                reason,
+                message=message,
+                prompt_tokens=len(run.request.prompt_tokens),
+                cached_tokens=run.cached,
+                prompt_logprobs=run.prompt_logprobs,
+            )
+        )
+
+    def _fail(self, run: _Running, kind: FailureKind, message: str, events: list[Event]) -> None:
+        self._release(run)
+        # The failed forward may have written some layers past the slot's known tokens; those
+        # positions are beyond `slot.tokens`, so the slot's remembered prefix stays exact.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        n = len(run.request.prompt_tokens)
+        event: EngineFailure = failure(run.request_id, kind, message, prompt_tokens=n)
+        events.append(event)
+
+    def _release(self, run: _Running) -> None:
+        del self._running[run.request_id]
+        self.slots.release(run.slot.index)
+
+    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def _next_token_logprobs(logits: torch.Tensor, targets: tuple[int, ...]) -> list[float]:
+    """Logprob of each target id under the logits of the position before it."""
+    if not targets:
+        return []
+    ids = torch.tensor(targets, dtype=torch.long, device=logits.device)
+    values: list[float] = sampling.token_logprobs(logits[: len(targets)], ids).tolist()
+    return values
+
+
+def _oom_message(stage: str, exc: BaseException) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"out of memory while {stage}: {first_line} (try a shorter prompt or fewer requests)"

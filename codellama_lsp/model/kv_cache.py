@@ -1,0 +1,71 @@
+"""A static KV cache: one K and one V buffer per layer, rows addressed as slots.
+
+A slot is a row of the cache that holds one request's keys and values; the continuous-batching
+engine may put any request in any slot, so every access takes explicit slot indices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    """Buffers `[max_batch_size, max_seq_len, n_local_kv_heads, head_dim]` for K and V per layer."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_local_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_layers = n_layers
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        shape = (max_batch_size, max_seq_len, n_local_kv_heads, head_dim)
+        for layer in range(n_layers):
+            # Not persistent: a cache is scratch space, never part of a checkpoint.
+            self.register_buffer(f"k{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
+            self.register_buffer(f"v{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer(0)[0].device
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k: torch.Tensor = getattr(self, f"k{layer}")
+        v: torch.Tensor = getattr(self, f"v{layer}")
+        return k, v
+
+    def update(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        start_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_len: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` `[B, T, H, D]` at positions `start_pos[b]..+T` of `slots[b]`.
+
+        Returns the keys and values of those slots over positions `0..kv_len` (`[B, kv_len, H, D]`,
+        default the whole cache); the caller masks positions a row has not reached.
+        """
+        cache_k, cache_v = self.layer(layer)
+        positions = start_pos[:, None] + torch.arange(k.shape[1], device=k.device)
+        rows = slots[:, None].expand_as(positions)
+        cache_k.index_put_((rows, positions), k.to(cache_k.dtype))
+        cache_v.index_put_((rows, positions), v.to(cache_v.dtype))
+        length = self.max_seq_len if kv_len is None else kv_len
+        return cache_k[slots, :length], cache_v[slots, :length]
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (prefix reuse)."""
+        for layer in range(self.n_layers):
+            for buf in self.layer(layer):
+                buf[dst, :length] = buf[src, :length]

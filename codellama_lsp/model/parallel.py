@@ -1,0 +1,119 @@
+"""Process groups: the only module that calls torch.distributed and fairscale's initialize.
+
+Two groups per process: the default group (gloo on CPU, nccl on GPU) carries the model's
+collectives (fairscale's all-gather/all-reduce and token broadcasts); a separate gloo group carries
+control-plane objects (pickled Python values), so they never need a CUDA tensor and never
+interleave with the model's collectives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from fairscale.nn.model_parallel import initialize as fs_init
+
+from codellama_lsp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_control_group: Any = None
+
+# Newer torch deprecates all_gather_tensor for all_gather_single, which older torch lacks.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def init_model_parallel(
+    world_size: int, rank: int, backend: str, init_method: str, timeout_s: float
+) -> None:
+    """Join a group of `world_size` processes, all of them one model-parallel group."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"invalid model-parallel rank {rank} of world size {world_size}")
+    if backend not in ("gloo", "nccl"):
+        raise ConfigError(f"unknown torch.distributed backend {backend!r} (gloo or nccl)")
+    if backend == "nccl":
+        # One host: rank r drives GPU r. NCCL needs the current device set before any collective.
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(
+        backend, init_method=init_method, world_size=world_size, rank=rank, timeout=timeout
+    )
+    global _control_group
+    _control_group = dist.new_group(backend="gloo", timeout=timeout)
+    # fairscale prints its group sizes to stdout, which may be a protocol pipe: keep it in the log.
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        fs_init.initialize_model_parallel(world_size)
+    log.debug("fairscale: %s", captured.getvalue().strip())
+
+
+def init_single_process() -> None:
+    """World size 1 in this process (tests, CLI): lets fairscale layers be built. Idempotent."""
+    if is_initialized():
+        return
+    store = Path(tempfile.mkdtemp(prefix="codellama-lsp-pg-")) / "store"
+    init_model_parallel(1, 0, "gloo", f"file://{store}", timeout_s=60.0)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized() and fs_init.model_parallel_is_initialized()
+
+
+def model_parallel_rank() -> int:
+    return int(fs_init.get_model_parallel_rank())
+
+
+def model_parallel_world_size() -> int:
+    return int(fs_init.get_model_parallel_world_size())
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Send a picklable value from rank `src` to every rank (over the gloo control group)."""
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_control_group)
+    return box[0]
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `t` on every rank with rank `src`'s values (in place; returns `t`)."""
+    if dist.get_world_size() > 1:
+        dist.broadcast(t, src=src)
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the model-parallel group (functional, so torch.compile traces it)."""
+    return funcol.all_reduce(t, "sum", fs_init.get_model_parallel_group())
+
+
+def all_gather_last_dim(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `t` along the last dimension, in rank order (as fairscale)."""
+    group = fs_init.get_model_parallel_group()
+    return _all_gather(t.contiguous(), t.dim() - 1, group)
+
+
+def barrier() -> None:
+    if dist.get_world_size() > 1:
+        dist.barrier(group=_control_group)
+
+
+def shutdown() -> None:
+    """Leave the group; safe to call when not initialized."""
+    global _control_group
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _control_group = None

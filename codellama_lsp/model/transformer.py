@@ -1,0 +1,347 @@
+"""The Code Llama Transformer (Llama 2 architecture) on fairscale's model-parallel layers.
+
+Weight names and layouts are exactly Meta's, so a `consolidated.NN.pth` shard loads as-is with
+`load_state_dict(strict=True, assign=True)` into a model built by `build_transformer(...,
+device="meta")`. The model knows nothing of processes beyond fairscale's model-parallel group,
+which must exist before it is built (`parallel.init_model_parallel` or `init_single_process`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+from codellama_lsp.errors import CheckpointError
+from codellama_lsp.model import parallel
+from codellama_lsp.model.args import ModelArgs
+from codellama_lsp.model.kv_cache import KVCache
+
+# Positions covered by the rotary tables: Code Llama holds up to about 100k tokens.
+DEFAULT_MAX_SEQ_LEN = 131072
+
+
+# -- fairscale layers without the master weight ---------------------------------------------------
+# fairscale's constructors allocate with the legacy `torch.Tensor(n, m)` (which ignores
+# `torch.device("meta")`) and, for world size > 1, build and split a full-size master weight on
+# every rank. These subclasses keep fairscale's classes, attributes and sharding, but allocate
+# only this rank's shard with `torch.empty`, so a meta-device build allocates nothing. Their
+# forward is fairscale's math for inference: fairscale's autograd wrappers (`mark_dirty`) stop
+# torch.compile, so the collectives go through `parallel`'s functional ones, skipped at world 1.
+
+
+def _shard(n: int, world: int, what: str) -> int:
+    if n % world:
+        raise CheckpointError(f"{what} {n} cannot be split over {world} model-parallel ranks")
+    return n // world
+
+
+class _Embedding(ParallelEmbedding):
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        world = parallel.model_parallel_world_size()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx, self.max_norm, self.sparse = None, None, False
+        self.norm_type, self.scale_grad_by_freq = 2.0, False
+        self._weight = None
+        self.embedding_dim_per_partition = _shard(embedding_dim, world, "dim")
+        shape = (num_embeddings, self.embedding_dim_per_partition)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+        self.world = world
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(tokens, self.weight)
+        return out if self.world == 1 else parallel.all_gather_last_dim(out)
+
+
+class _Column(ColumnParallelLinear):
+    def __init__(self, n_in: int, n_out: int, dtype: torch.dtype, gather_output: bool) -> None:
+        nn.Module.__init__(self)
+        world = parallel.model_parallel_world_size()
+        self.in_features, self.out_features, self.gather_output = n_in, n_out, gather_output
+        self.output_size_per_partition = _shard(n_out, world, "output size")
+        shape = (self.output_size_per_partition, n_in)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+        self.register_parameter("bias", None)
+        self.master_weight = None
+        self.world = world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.world == 1 or not self.gather_output:
+            return out
+        return parallel.all_gather_last_dim(out)
+
+
+class _Row(RowParallelLinear):
+    def __init__(self, n_in: int, n_out: int, dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        world = parallel.model_parallel_world_size()
+        self.in_features, self.out_features, self.input_is_parallel = n_in, n_out, True
+        self.input_size_per_partition = _shard(n_in, world, "input size")
+        shape = (n_out, self.input_size_per_partition)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+        self.register_parameter("bias", None)
+        self.master_weight = None
+        self.world = world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        return out if self.world == 1 else parallel.all_reduce_sum(out)
+
+
+# -- building blocks -----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As the reference: normalise in float32, cast back, then scale.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float, device: Any) -> torch.Tensor:
+    """`[max_seq_len, head_dim // 2, 2]` float32 (cos, sin): the reference's complex `freqs_cis`."""
+    exponents = torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
+    freqs = 1.0 / (theta**exponents)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [B, T, H, D]` by `rope [B, T, D/2, 2]`: adjacent pairs are complex numbers."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
+    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """`[B, L, H_kv, D]` -> `[B, L, H_kv * n_rep, D]`, each kv head serving n_rep query heads."""
+    if n_rep == 1:
+        return x
+    b, length, h, d = x.shape
+    return x[:, :, :, None, :].expand(b, length, h, n_rep, d).reshape(b, length, h * n_rep, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        world = parallel.model_parallel_world_size()
+        self.layer_id = layer_id
+        self.n_local_heads = _shard(args.n_heads, world, "n_heads")
+        self.n_local_kv_heads = _shard(args.kv_heads, world, "n_kv_heads")
+        self.head_dim = args.head_dim
+        kv_dim = args.kv_heads * args.head_dim
+        self.wq = _Column(args.dim, args.n_heads * args.head_dim, dtype, gather_output=False)
+        self.wk = _Column(args.dim, kv_dim, dtype, gather_output=False)
+        self.wv = _Column(args.dim, kv_dim, dtype, gather_output=False)
+        self.wo = _Row(args.n_heads * args.head_dim, args.dim, dtype)
+
+    def forward(self, x: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, t, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
+        keys, values = ctx.cache.update(self.layer_id, ctx.slots, ctx.start_pos, k, v, ctx.kv_len)
+        n_rep = self.n_local_heads // self.n_local_kv_heads
+        keys, values = repeat_kv(keys, n_rep), repeat_kv(values, n_rep)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys.transpose(1, 2).to(q.dtype),
+            values.transpose(1, 2).to(q.dtype),
+            attn_mask=ctx.mask,
+        )
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = _Column(args.dim, hidden, dtype, gather_output=False)
+        self.w2 = _Row(hidden, args.dim, dtype)
+        self.w3 = _Column(args.dim, hidden, dtype, gather_output=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.attention = Attention(args, layer_id, dtype)
+        self.feed_forward = FeedForward(args, dtype)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, dtype)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype)
+
+    def forward(self, x: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), ctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class _StepContext:
+    """What every layer of one forward shares: rotary rows, mask, cache addressing."""
+
+    def __init__(
+        self,
+        rope: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache,
+        slots: torch.Tensor,
+        start_pos: torch.Tensor,
+        kv_len: int,
+    ) -> None:
+        self.rope, self.mask, self.cache = rope, mask, cache
+        self.slots, self.start_pos, self.kv_len = slots, start_pos, kv_len
+
+
+# -- the model -----------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        args: ModelArgs,
+        dtype: torch.dtype = torch.float32,
+        max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    ) -> None:
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise CheckpointError("vocab_size must be resolved (ModelArgs.with_vocab_size) first")
+        args.validate()
+        self.args = args
+        self.max_seq_len = max_seq_len
+        world = parallel.model_parallel_world_size()
+        self.n_local_kv_heads = _shard(args.kv_heads, world, "n_kv_heads")
+        self.tok_embeddings = _Embedding(args.vocab_size, args.dim, dtype)
+        self.layers = nn.ModuleList(TransformerBlock(args, i, dtype) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
+        self.output = _Column(args.dim, args.vocab_size, dtype, gather_output=True)
+        # Not persistent: the state dict keeps exactly Meta's names.
+        self.register_buffer("freqs_cis", self._rope_on(self.norm.weight.device), persistent=False)
+        # A meta build filled by load_state_dict(assign=True) gets real rotary tables afterwards.
+        self.register_load_state_dict_post_hook(_rope_after_load)
+
+    def new_cache(
+        self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """A zeroed cache shaped for this rank's heads, on the weights' device and dtype."""
+        weight = self.norm.weight
+        return KVCache(
+            self.args.n_layers,
+            max_batch_size,
+            max_seq_len,
+            self.n_local_kv_heads,
+            self.args.head_dim,
+            dtype=weight.dtype if dtype is None else dtype,
+            device=weight.device,
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: torch.Tensor,
+        cache: KVCache,
+        slots: torch.Tensor,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """Logits `[B, T, V]` (float32) of `tokens [B, T]` at positions `start_pos[b] + t`.
+
+        `kv_len` bounds the key positions attended to (at least `max(start_pos) + T`); give it
+        as a Python int to keep the step free of host syncs, else it is read from `start_pos`.
+        """
+        t = tokens.shape[1]
+        if kv_len is None:
+            kv_len = int(start_pos.max().item()) + t
+        positions = start_pos[:, None] + torch.arange(t, device=tokens.device)
+        keys = torch.arange(kv_len, device=tokens.device)
+        # Row b's query t (at position p) sees the slot's keys 0..p, wherever the forward starts.
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
+        ctx = _StepContext(self.freqs_cis[positions], mask, cache, slots, start_pos, kv_len)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        return self.output(self.norm(h)).float()  # type: ignore[no-any-return]
+
+    def _rope_on(self, device: torch.device) -> torch.Tensor:
+        args = self.args
+        return rope_table(args.head_dim, self.max_seq_len, args.rope_theta, device)
+
+    def reset_rope(self) -> None:
+        """Recompute the rotary tables in float32 on the weights' device."""
+        self.freqs_cis = self._rope_on(self.norm.weight.device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Transformer:
+        # .to(dtype) would round the tables and .to_empty() would leave garbage: recompute them.
+        super()._apply(fn, recurse)
+        self.reset_rope()
+        return self
+
+
+def _rope_after_load(module: nn.Module, _incompatible: Any) -> None:
+    if isinstance(module, Transformer) and module.freqs_cis.device != module.norm.weight.device:
+        module.reset_rope()
+
+
+# -- construction helpers the checkpoint loader relies on ----------------------------------------
+
+
+def build_transformer(
+    args: ModelArgs,
+    *,
+    device: torch.device | str = "meta",
+    dtype: torch.dtype = torch.float32,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+) -> Transformer:
+    """This rank's Transformer with uninitialised weights on `device` (meta allocates nothing).
+
+    Fill it with `load_state_dict(shard, strict=True, assign=True)`; the rotary tables follow the
+    loaded weights' device. Needs fairscale's model-parallel group (see `parallel`).
+    """
+    if not parallel.is_initialized():
+        raise RuntimeError("init the model-parallel group (codellama_lsp.model.parallel) first")
+    with torch.device(device):
+        return Transformer(args, dtype=dtype, max_seq_len=max_seq_len)
+
+
+def expected_shard_shapes(args: ModelArgs, world_size: int) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape on one rank of `world_size` (fairscale's split dims), Meta's names."""
+    if args.vocab_size <= 0:
+        raise CheckpointError("vocab_size must be resolved (ModelArgs.with_vocab_size) first")
+    w, dim, hd = world_size, args.dim, args.head_dim
+    q_out = _shard(args.n_heads, w, "n_heads") * hd
+    kv_out = _shard(args.kv_heads, w, "n_kv_heads") * hd
+    ffn = _shard(args.ffn_hidden_dim, w, "ffn hidden size")
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_embeddings.weight": (args.vocab_size, _shard(dim, w, "dim")),
+        "norm.weight": (dim,),
+        "output.weight": (_shard(args.vocab_size, w, "vocab_size"), dim),
+    }
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention.wq.weight"] = (q_out, dim)
+        shapes[p + "attention.wk.weight"] = (kv_out, dim)
+        shapes[p + "attention.wv.weight"] = (kv_out, dim)
+        shapes[p + "attention.wo.weight"] = (dim, q_out)
+        shapes[p + "feed_forward.w1.weight"] = (ffn, dim)
+        shapes[p + "feed_forward.w2.weight"] = (dim, ffn)
+        shapes[p + "feed_forward.w3.weight"] = (ffn, dim)
+        shapes[p + "attention_norm.weight"] = (dim,)
+        shapes[p + "ffn_norm.weight"] = (dim,)
+    return shapes

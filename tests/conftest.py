@@ -1,0 +1,58 @@
+"""Shared fixtures: the SentencePiece fixtures of ../shared and tiny random Code Llama models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama_lsp.model import parallel
+from codellama_lsp.model.random_checkpoint import (
+    TINY_ARGS,
+    StateDict,
+    random_state_dict,
+    write_random_checkpoint,
+)
+from codellama_lsp.model.transformer import Transformer, build_transformer
+
+# ../shared beside the repository (CI has it too).
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> Path:
+    return FIXTURES / "codellama-tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_70b_path() -> Path:
+    return FIXTURES / "codellama-70b-instruct-tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> Path:
+    """A tiny random checkpoint in Meta's layout (MP=1, bf16, seed 0)."""
+    directory = tmp_path_factory.mktemp("tiny-codellama")
+    return write_random_checkpoint(directory, TINY_ARGS, tokenizer_path=tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def single_process() -> None:
+    """A world of one in this process, so fairscale layers can be built."""
+    parallel.init_single_process()
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict() -> StateDict:
+    """The full float32 weights of the tiny model (seed 0), Meta's names."""
+    return random_state_dict(TINY_ARGS, seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(single_process: None, tiny_state_dict: StateDict) -> Transformer:
+    """The tiny float32 model on CPU, MP=1. Shared: do not modify its weights."""
+    model = build_transformer(TINY_ARGS, device="meta", dtype=torch.float32, max_seq_len=512)
+    model.load_state_dict(tiny_state_dict, strict=True, assign=True)
+    return model.eval()
