@@ -169,6 +169,12 @@ class ModelConfig:
     max_batch_size: int = _S(4, _int(1, 1024), "concurrent sequences")
     load_timeout_s: float = _S(900.0, _float(1, 86400), "seconds to load the model")
     request_timeout_s: float = _S(120.0, _float(1, 3600), "seconds a request may stall")
+    # The worker group's fault timings (worker.settings.WorkerSettings has the same fields).
+    init_timeout_s: float = _S(120.0, _float(1, 3600), "seconds for the ranks' rendezvous")
+    heartbeat_interval_s: float = _S(0.5, _float(0.01, 60), "seconds between rank heartbeats")
+    hang_timeout_s: float = _S(30.0, _float(0.1, 3600), "no heartbeat this long: a rank hangs")
+    max_restarts: int = _S(3, _int(0, 100), "consecutive faults before giving up")
+    restart_backoff_s: float = _S(1.0, _float(0, 600), "first restart delay (then doubled)")
 
     @property
     def tokenizer_file(self) -> Path | None:
@@ -393,10 +399,11 @@ def _collect_section(
 
 
 # -- the command line --------------------------------------------------------------------------
-# (flag, section, field): CLI flags share the validators of the editor settings.
+# (flags, section, field): CLI flags share the validators of the editor settings. Flags separated
+# by "|" are aliases (the reference's scripts say --tokenizer; --tokenizer-path matches the setting).
 _MODEL_FLAGS = (
     ("--ckpt-dir", "model", "ckpt_dir"),
-    ("--tokenizer-path", "model", "tokenizer_path"),
+    ("--tokenizer|--tokenizer-path", "model", "tokenizer_path"),
     ("--nproc", "model", "nproc"),
     ("--device", "model", "device"),
     ("--dtype", "model", "dtype"),
@@ -424,11 +431,15 @@ def _add_flags(parser: argparse.ArgumentParser, flags: tuple[tuple[str, str, str
         default = f.default if f.default is not MISSING else None
         help_text = f"{f.metadata['doc']} (default: {_show(default)})"
         # Values stay strings here: the same validators as the editor settings check them.
-        parser.add_argument(flag, dest=_dest(section, name), default=None, help=help_text)
+        names = flag.split("|")
+        metavar = names[0].lstrip("-").replace("-", "_").upper()
+        parser.add_argument(
+            *names, dest=_dest(section, name), metavar=metavar, default=None, help=help_text
+        )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--ckpt-dir, --tokenizer-path, --nproc, --device, --dtype, --max-seq-len, ..."""
+    """--ckpt-dir, --tokenizer, --nproc, --device, --dtype, --max-seq-len, ..."""
     _add_flags(parser, _MODEL_FLAGS)
 
 

@@ -27,13 +27,16 @@ DEMO_ARGS = ModelArgs(
     norm_eps=1e-5,
     rope_theta=1_000_000.0,
 )
-_LABEL = "RANDOM WEIGHTS - NOT A REAL MODEL. Written by `codellama-lsp demo` to exercise the tool.\n"
+_LABEL = (
+    "RANDOM WEIGHTS - NOT A REAL MODEL. Written by `codellama-lsp demo` to exercise the tool.\n"
+)
 _PREFIX = "def fibonacci(n):\n    "
 _SUFFIX = "\n    return a\n"
 _REAL_WEIGHTS_HELP = """\
 To use real Code Llama weights (Meta's download.sh layout, or a Hugging Face conversion):
   codellama-lsp infill --ckpt-dir /path/to/CodeLlama-7b --prefix 'def f(' --suffix ')' --verify
-  codellama-lsp serve  --ckpt-dir /path/to/CodeLlama-7b --instruct-ckpt-dir /path/to/CodeLlama-7b-Instruct
+  codellama-lsp serve  --ckpt-dir /path/to/CodeLlama-7b \\
+      --instruct-ckpt-dir /path/to/CodeLlama-7b-Instruct
 and point your editor's codellama extension (editors/vscode, editors/neovim) at that command."""
 
 

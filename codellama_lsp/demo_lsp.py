@@ -114,10 +114,16 @@ def _session(client: _Client, prefix: str, suffix: str) -> str:
         },
     )
     elapsed_ms = (time.monotonic() - started) * 1000
+    items = (answer.get("result") or {}).get("items", [])
+    shown = [_shorten(item.get("insertText", "")) for item in items]
     client.request("shutdown", None)
     client.notify("exit", None)
     return (
         f"  inlineCompletionProvider advertised: {provider is not None}\n"
         f"  model status: {state}\n"
-        f"  inlineCompletion answer ({elapsed_ms:.0f} ms): {json.dumps(answer.get('result'))}"
+        f"  inlineCompletion ({elapsed_ms:.0f} ms): {len(items)} item(s) {json.dumps(shown)}"
     )
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from codellama_lsp.errors import CheckpointError, TokenizerError
-from codellama_lsp.model import parallel
 from codellama_lsp.model.args import ModelArgs
 from codellama_lsp.model.checkpoint import (
     find_checkpoint,
@@ -62,11 +61,6 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def tiny(ckpts: dict[str, Path], tmp_path: Path) -> Path:
     """A private copy of the MP=1 tiny checkpoint, free to damage."""
     return Path(shutil.copytree(ckpts["tiny1"], tmp_path / "ckpt"))
-
-
-@pytest.fixture(scope="module")
-def single_process() -> None:
-    parallel.init_single_process()
 
 
 def _full(args: ModelArgs) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import save_file
 
 from codellama_lsp.errors import CheckpointError
-from codellama_lsp.model import parallel
 from codellama_lsp.model.args import ModelArgs
 from codellama_lsp.model.checkpoint import find_checkpoint, load_model, load_rank_state_dict
 from codellama_lsp.model.checkpoint_hf import read_hf_config, unpermute
@@ -142,8 +141,9 @@ def test_hf_gqa_kv_heads_must_split(hf_folder: Path) -> None:
         _load(hf_folder, world_size=4)
 
 
-def test_load_model_from_hf_folder(hf_folder: Path, full: dict[str, torch.Tensor]) -> None:
-    parallel.init_single_process()
+def test_load_model_from_hf_folder(
+    hf_folder: Path, full: dict[str, torch.Tensor], single_process: None
+) -> None:
     model, args = load_model(hf_folder, dtype=torch.float32)
     assert args.ffn_hidden_dim == TINY_ARGS.ffn_hidden_dim
     _assert_same(dict(model.state_dict()), {k: v.float() for k, v in full.items()})

@@ -32,8 +32,21 @@ def _run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, 
 
 
 def _model_args(ckpt: Path, nproc: int = 1) -> list[str]:
-    return ["--ckpt-dir", str(ckpt), "--device", "cpu", "--dtype", "float32",
-            "--nproc", str(nproc), "--max-seq-len", "256", "--max-gen-len", str(GEN), "--json"]
+    return [
+        "--ckpt-dir",
+        str(ckpt),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--nproc",
+        str(nproc),
+        "--max-seq-len",
+        "256",
+        "--max-gen-len",
+        str(GEN),
+        "--json",
+    ]
 
 
 def _oracle(ckpt: Path, prompt: list[int], stop_ids: tuple[int, ...]) -> list[int]:
@@ -49,8 +62,9 @@ def test_infill_matches_reference_layout_and_model(
     capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path, single_process: None
 ) -> None:
     tok = Tokenizer(tiny_checkpoint / "tokenizer.model")
-    result = _run_json(capsys, ["infill", "--prefix", PREFIX, "--suffix", SUFFIX,
-                                *_model_args(tiny_checkpoint)])
+    result = _run_json(
+        capsys, ["infill", "--prefix", PREFIX, "--suffix", SUFFIX, *_model_args(tiny_checkpoint)]
+    )
     prompt = infilling_prompt_tokens(tok, PREFIX, SUFFIX)
     assert result["prompt_tokens"] == prompt
     expected = _oracle(tiny_checkpoint, prompt, (tok.eot_id or 2, tok.eos_id))
@@ -76,17 +90,44 @@ def test_complete_and_chat(
     capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path, single_process: None
 ) -> None:
     tok = Tokenizer(tiny_checkpoint / "tokenizer.model")
-    done = _run_json(capsys, ["complete", "--prompt", "import os\n", "--temperature", "0",
-                              *_model_args(tiny_checkpoint)])
+    done = _run_json(
+        capsys,
+        [
+            "complete",
+            "--prompt",
+            "import os\n",
+            "--temperature",
+            "0",
+            *_model_args(tiny_checkpoint),
+        ],
+    )
     prompt = completion_prompt_tokens(tok, "import os\n")
     assert done["prompt_tokens"] == prompt
     assert done["generation_tokens"] == _oracle(tiny_checkpoint, prompt, (tok.eos_id,))
 
-    chat = _run_json(capsys, ["chat", "--system", "Be brief.", "--user", "Hi", "--assistant",
-                              "Hello.", "--user", "Sum 1 and 2", "--temperature", "0",
-                              *_model_args(tiny_checkpoint)])
-    dialog = [Message("system", "Be brief."), Message("user", "Hi"),
-              Message("assistant", "Hello."), Message("user", "Sum 1 and 2")]
+    chat = _run_json(
+        capsys,
+        [
+            "chat",
+            "--system",
+            "Be brief.",
+            "--user",
+            "Hi",
+            "--assistant",
+            "Hello.",
+            "--user",
+            "Sum 1 and 2",
+            "--temperature",
+            "0",
+            *_model_args(tiny_checkpoint),
+        ],
+    )
+    dialog = [
+        Message("system", "Be brief."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello."),
+        Message("user", "Sum 1 and 2"),
+    ]
     assert chat["prompt_tokens"] == dialog_prompt_tokens(tok, dialog)
     generation = chat["generation"]
     assert isinstance(generation, dict) and generation["role"] == "assistant"
@@ -95,8 +136,17 @@ def test_complete_and_chat(
 def test_chat_refuses_special_tags_like_the_reference(
     capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
 ) -> None:
-    chat = _run_json(capsys, ["chat", "--user", "ignore [INST] this", "--temperature", "0",
-                              *_model_args(tiny_checkpoint)])
+    chat = _run_json(
+        capsys,
+        [
+            "chat",
+            "--user",
+            "ignore [INST] this",
+            "--temperature",
+            "0",
+            *_model_args(tiny_checkpoint),
+        ],
+    )
     generation = chat["generation"]
     assert isinstance(generation, dict)
     assert "special tags are not allowed" in str(generation["content"])
@@ -111,8 +161,12 @@ def test_chat_refuses_special_tags_like_the_reference(
     ],
 )
 def test_errors_are_one_clear_line(argv: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "codellama_lsp", *argv, "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "codellama_lsp", *argv, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr

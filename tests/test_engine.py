@@ -138,7 +138,7 @@ def test_prefix_reuse_equals_a_cold_run(tiny_model: Transformer) -> None:
     engine.add(_req(0, prompt=longer))
     events = _drain(engine)
     warm = collect(events)["r0"]
-    finish = [e for e in events if isinstance(e, FinishEvent)][0]
+    finish = next(e for e in events if isinstance(e, FinishEvent))
     assert finish.cached_tokens == len(PROMPTS[3]) + 4
     assert warm.cached_tokens == finish.cached_tokens
     cold = _alone(tiny_model, _req(0, prompt=longer))
@@ -160,7 +160,7 @@ def test_prefix_is_copied_from_a_running_request(tiny_model: Transformer) -> Non
     engine = _engine(tiny_model, slots=2)
     engine.add(_req(3, max_gen_len=20))
     events = engine.step() + engine.step()
-    branch = PROMPTS[3][:15] + (77, 78, 79)
+    branch = (*PROMPTS[3][:15], 77, 78, 79)
     engine.add(_req(1, prompt=branch))
     got = collect(events + _drain(engine))
     assert got["r1"].cached_tokens == 15
@@ -179,7 +179,9 @@ def test_echo_logprobs_skip_reuse_and_equal_the_plain_loop(tiny_model: Transform
     assert got.cached_tokens == 0
     _same(got, plain)
     assert got.prompt_logprobs is not None and plain.prompt_logprobs is not None
-    torch.testing.assert_close(torch.tensor(got.prompt_logprobs), torch.tensor(plain.prompt_logprobs))
+    torch.testing.assert_close(
+        torch.tensor(got.prompt_logprobs), torch.tensor(plain.prompt_logprobs)
+    )
 
 
 def test_chunked_prefill_equals_one_forward(tiny_model: Transformer) -> None:
@@ -188,7 +190,9 @@ def test_chunked_prefill_equals_one_forward(tiny_model: Transformer) -> None:
     got = collect(_drain(engine))["r3"]
     whole = _alone(tiny_model, _req(3, echo=True, logprobs=True))
     _same(got, whole)
-    torch.testing.assert_close(torch.tensor(got.prompt_logprobs), torch.tensor(whole.prompt_logprobs))
+    torch.testing.assert_close(
+        torch.tensor(got.prompt_logprobs), torch.tensor(whole.prompt_logprobs)
+    )
 
 
 def test_stop_ids_end_a_request_like_the_plain_loop(tiny_model: Transformer) -> None:
@@ -205,7 +209,9 @@ def test_max_seq_len_trims_generation(tiny_model: Transformer) -> None:
     got = _alone(tiny_model, _req(3, prompt=prompt, max_gen_len=100))
     assert len(got.tokens) == SEQ - len(prompt) and got.finish_reason == "length"
     assert "max_seq_len" in got.message
-    plain = generate(tiny_model, tiny_model.new_cache(1, SEQ), [prompt], _req(3, max_gen_len=100).params)
+    plain = generate(
+        tiny_model, tiny_model.new_cache(1, SEQ), [prompt], _req(3, max_gen_len=100).params
+    )
     assert got.tokens == plain[0].tokens
 
 
@@ -226,7 +232,9 @@ def test_invalid_requests_fail_alone_with_a_message(tiny_model: Transformer) -> 
         engine.add(_req(4))
 
 
-def _failing_forward(model: Transformer, when: Callable[[torch.Tensor], bool]) -> Callable[..., torch.Tensor]:
+def _failing_forward(
+    model: Transformer, when: Callable[[torch.Tensor], bool]
+) -> Callable[..., torch.Tensor]:
     real = model.forward
 
     def forward(tokens: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -241,14 +249,18 @@ def test_out_of_memory_fails_one_request_and_the_engine_goes_on(
     tiny_model: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Fault injection around the real model: a prompt of 21 tokens "does not fit".
-    monkeypatch.setattr(tiny_model, "forward", _failing_forward(tiny_model, lambda t: t.shape[1] > 20))
+    monkeypatch.setattr(
+        tiny_model, "forward", _failing_forward(tiny_model, lambda t: t.shape[1] > 20)
+    )
     engine = _engine(tiny_model, slots=2)
     engine.add(_req(0))
     events = engine.step()
     engine.add(_req(3))
     events += _drain(engine)
     failure = next(e for e in events if isinstance(e, EngineFailure))
-    assert failure.request_id == "r3" and failure.kind == "oom" and "out of memory" in failure.message
+    assert (
+        failure.request_id == "r3" and failure.kind == "oom" and "out of memory" in failure.message
+    )
     monkeypatch.undo()
     got = collect(events)
     _same(got["r0"], _alone(tiny_model, _req(0)))
@@ -264,7 +276,9 @@ def test_out_of_memory_in_decode_fails_the_newest_request(
     engine.step()
     engine.add(_req(0))
     engine.step()
-    monkeypatch.setattr(tiny_model, "forward", _failing_forward(tiny_model, lambda t: t.shape[0] > 1))
+    monkeypatch.setattr(
+        tiny_model, "forward", _failing_forward(tiny_model, lambda t: t.shape[0] > 1)
+    )
     step = engine.step()
     monkeypatch.undo()
     failures = [e for e in step if isinstance(e, EngineFailure)]

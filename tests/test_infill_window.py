@@ -85,7 +85,8 @@ def test_long_cursor_line_is_cut_next_to_the_cursor(count: Counter) -> None:
     w = select_window("above\n" + line, line + "\nbelow\n", count, 300)
     assert time.perf_counter() - start < 2.0
     assert w.prefix_tokens + w.suffix_tokens <= 300
-    assert w.prefix_tokens >= 250  # the cursor line's start gets what it needs first
+    # The cursor line's start takes the prefix's share, its rest the suffix's.
+    assert 220 <= w.prefix_tokens <= 225 and 70 <= w.suffix_tokens <= 75
     assert line.endswith(w.prefix) and line.startswith(w.suffix)
     assert w.prefix_truncated and w.suffix_truncated
     assert count.chars < 300 * 8 * 40  # a bounded amount of text was ever tokenized
@@ -109,6 +110,12 @@ def test_budget_edges(count: Counter) -> None:
     tiny = select_window("x = 12345", "6789", count, 1)
     assert tiny.prefix_tokens + tiny.suffix_tokens <= 1
     assert "x = 12345".endswith(tiny.prefix)
+
+
+def test_cursor_line_fits_whole_when_the_suffix_part_is_short(count: Counter) -> None:
+    line = "value = " + "a + " * 50
+    w = select_window(line, "b\n", count, count(line) + 2)
+    assert (w.prefix, w.suffix) == (line, "b\n")
 
 
 def test_non_additive_counter_still_fits() -> None:

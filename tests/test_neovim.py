@@ -186,7 +186,8 @@ class Editor:
         self.wait_lua("require('codellama.completion').attached(vim.api.nvim_get_current_buf())")
 
     def direct_completion(self, trigger_kind: int = 2) -> dict[str, Any] | None:
-        """The server's inlineCompletion answer at the cursor, asked directly (not by the plugin)."""
+        """The server's inlineCompletion answer at the cursor, asked directly (not through the
+        plugin's completion code)."""
         return self.lua(
             """
             local client = require('codellama.lsp').client()
@@ -211,7 +212,9 @@ class Editor:
         )
 
 
-SLOW_COMPLETIONS = {"maxTokensSingleLine": 400, "maxTokensMultiline": 400}
+# Long answers keep the server busy for seconds (tens of ms a token on the CPU), so a request can
+# be superseded while it runs.
+SLOW_COMPLETIONS = {"maxTokensSingleLine": 150, "maxTokensMultiline": 150}
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +227,6 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def server_command(ckpt: Path) -> list[str]:
-    override = os.environ.get("CODELLAMA_NVIM_TEST_SERVER")
-    if override:
-        return json.loads(override)
     return [sys.executable, "-m", "codellama_lsp", "serve", "--ckpt-dir", str(ckpt)]
 
 
@@ -274,7 +274,9 @@ def editor(
     yield ed
     try:
         ed.lua("require('codellama').stop()")
-        ed.wait("server exit", lambda: not ed.lua("return require('codellama.lsp').client() ~= nil"), 10)
+        ed.wait(
+            "server exit", lambda: not ed.lua("return require('codellama.lsp').client() ~= nil"), 10
+        )
     finally:
         ed.nvim.close()
 
@@ -283,10 +285,13 @@ def editor(
 def ed(editor: Editor) -> Iterator[Editor]:
     """The module's editor, back in Normal mode with default completion settings."""
     editor.nvim.command("stopinsert")
-    editor.lua("require('codellama').update_settings({ completion = ... })", {
-        "maxTokensSingleLine": 16,
-        "maxTokensMultiline": 32,
-    })
+    editor.lua(
+        "require('codellama').update_settings({ completion = ... })",
+        {
+            "maxTokensSingleLine": 16,
+            "maxTokensMultiline": 32,
+        },
+    )
     yield editor
     editor.nvim.command("stopinsert")
 
@@ -330,8 +335,9 @@ def type_into(ed: Editor, lines: list[str], last_key: str) -> None:
 def apply_item(
     lines: list[str], item: dict[str, Any], row: int, col: int
 ) -> tuple[list[str], tuple[int, int]]:
-    """The buffer after inserting an item's text over its range, and the position right after
-    the insertion (ASCII tests: LSP characters are bytes)."""
+    """The buffer after inserting an item's text over its range, and the (row, byte column)
+    right after the insertion. The buffers of the tests are ASCII, so LSP characters are
+    indices here; the inserted text (a random model's) may not be."""
     text = "\n".join(lines)
     offsets = [0]
     for line in lines:
@@ -343,7 +349,7 @@ def apply_item(
         start = end = offsets[row] + col
     before = text[:start] + _text(item)
     end_row = before.count("\n")
-    end_col = len(before) - (before.rfind("\n") + 1)
+    end_col = len(before[before.rfind("\n") + 1 :].encode())
     return (before + text[end:]).split("\n"), (end_row, end_col)
 
 
@@ -363,16 +369,103 @@ def test_ghost_text_shows_at_cursor_and_accept_inserts_exactly_the_completion(ed
     shown = ed.state()["items"][0]
     assert shown == _text(item)
 
+    shown_before = server_counts(ed)
+    assert shown_before.get("completion.shown", 0) >= 1  # codellama/didShowCompletion arrived
+
     ed.type("<Tab>")
     ed.wait("the completion inserted", lambda: ed.lines() != typed)
     assert ed.lines() == expected
     assert ed.mode() == "i"
     assert ed.cursor() == end
-    stats = ed.lua(
+    # codellama.acceptCompletion went to the server with the item's id.
+    ed.wait(
+        "the acceptance counted",
+        lambda: (
+            server_counts(ed).get("completion.accepted", 0)
+            == shown_before.get("completion.accepted", 0) + 1
+        ),
+        timeout=10,
+    )
+
+
+def server_counts(ed: Editor) -> dict[str, int]:
+    reply = ed.lua(
         "local c = require('codellama.lsp').client()"
         " return vim.lsp.buf_request_sync(0, 'codellama/stats', vim.empty_dict(), 5000)[c.id]"
     )
-    assert stats and not stats.get("err"), stats
+    assert reply and reply.get("result"), reply
+    return _flatten(reply["result"]["counts"])
+
+
+def _flatten(counts: dict[str, Any], prefix: str = "") -> dict[str, int]:
+    """{"completion": {"shown": 1}} and {"completion.shown": 1} alike -> {"completion.shown": 1}."""
+    out: dict[str, int] = {}
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def with_ghost(ed: Editor) -> str:
+    """The buffer's text with the ghost text put in at its extmark."""
+    lines = ed.lines()
+    marks = ed.marks()
+    if not marks:
+        return "\n".join(lines)
+    (mark,) = marks
+    line = lines[mark["row"]].encode()
+    lines[mark["row"]] = (
+        line[: mark["col"]] + mark["text"].encode() + line[mark["col"] :]
+    ).decode()
+    return "\n".join(lines)
+
+
+def test_accept_word_and_line_insert_part_and_keep_the_rest(ed: Editor) -> None:
+    lines, key = probe_completion(ed, "partial.py")
+    type_into(ed, lines, key)
+    ed.wait("ghost text", ed.marks)
+    whole, start = with_ghost(ed), ed.cursor()
+    requests = ed.lua("return #require('codellama.completion').log.requests")
+
+    ed.type("<M-w>")
+    ed.wait("a word inserted", lambda: ed.cursor() != start)
+    assert with_ghost(ed) == whole  # inserted part + ghost rest == the candidate
+    after_word = ed.cursor()
+
+    if ed.marks():
+        ed.type("<M-l>")
+        ed.wait("a line inserted", lambda: ed.cursor() != after_word)
+        assert with_ghost(ed) == whole
+    # Taking part of a candidate asks the server for nothing new.
+    assert ed.lua("return #require('codellama.completion').log.requests") == requests
+
+
+def test_cycling_candidates_and_the_completion_menu(ed: Editor) -> None:
+    lines, key = probe_completion(ed, "cycle.py")
+    type_into(ed, lines, key)
+    ed.wait("ghost text", ed.marks)
+    ed.type("<C-]>")  # dismiss
+    ed.wait("ghost text dismissed", lambda: not ed.marks())
+    ed.type("<M-]>")  # without a candidate shown: ask for candidates (invoked)
+    ed.wait("candidates", ed.marks, timeout=60)
+    state = ed.state()
+    assert ed.marks()[0]["text"] == state["items"][state["index"] - 1]
+    count = len(state["items"])
+
+    ed.type("<M-]>")
+    ed.wait("next candidate", lambda: ed.state()["index"] == 1 % count + 1)
+    state = ed.state()
+    assert ed.marks()[0]["text"] == state["items"][state["index"] - 1]
+    ed.type("<M-[>")
+    ed.wait("previous candidate", lambda: ed.state()["index"] == 1)
+    assert ed.marks()[0]["text"] == state["items"][0]
+
+    # The completion menu hides the ghost text while it is open.
+    ed.type("<C-n>")
+    ed.wait("the completion menu", lambda: ed.lua("return vim.fn.pumvisible()") == 1)
+    assert ed.marks() == []
 
 
 def test_moving_the_cursor_dismisses_the_ghost_text(ed: Editor) -> None:
@@ -397,7 +490,8 @@ def test_a_superseded_request_never_shows(ed: Editor) -> None:
         lambda: ed.lua("return require('codellama.completion').log.requests[...]", log_start + 1),
         timeout=10,
     )
-    ed.type(" ")  # supersedes it while the server is still generating
+    assert first.get("reply_ms") is None, first  # still generating...
+    ed.type(" ")  # ...when this supersedes it
     ed.wait(
         "a second request",
         lambda: ed.lua("return require('codellama.completion').log.requests[...]", log_start + 2),
@@ -422,9 +516,21 @@ def test_code_action_add_docstring_applies_its_edit(ed: Editor) -> None:
     source = ["def area(width, height):", "    return width * height", ""]
     ed.open_buffer("docstring.py", source)
     ed.lua("vim.api.nvim_win_set_cursor(0, {2, 4})")
+    # Keep the edit the server sends, to compare the buffer with it.
+    ed.lua(
+        """
+        _G.applied_edits = {}
+        local default = vim.lsp.handlers['workspace/applyEdit']
+        vim.lsp.handlers['workspace/applyEdit'] = function(err, params, ctx)
+          table.insert(_G.applied_edits, params.edit)
+          return default(err, params, ctx)
+        end
+        """
+    )
     titles = ed.lua(
         """
-        local params = vim.lsp.util.make_range_params(0, require('codellama.lsp').client().offset_encoding)
+        local client = require('codellama.lsp').client()
+        local params = vim.lsp.util.make_range_params(0, client.offset_encoding)
         params.context = { diagnostics = {} }
         local reply = vim.lsp.buf_request_sync(0, 'textDocument/codeAction', params, 10000)
         local titles = {}
@@ -437,36 +543,69 @@ def test_code_action_add_docstring_applies_its_edit(ed: Editor) -> None:
     docstring = [t for t in titles if "docstring" in t.lower()]
     assert docstring, titles
     ed.lua(
-        "require('codellama').code_action({ apply = true, filter = function(a)"
-        " return a.title == ... end })",
+        "local title = ... require('codellama').code_action({ apply = true,"
+        " filter = function(a) return a.title == title end })",
         docstring[0],
     )
-    ed.wait("the edit applied", lambda: ed.lines() != source, timeout=60)
-    after = ed.lines()
-    assert after[0] == source[0] and source[1] in after
-    assert len(after) > len(source)
+    edits = ed.wait("the edit", lambda: ed.lua("return _G.applied_edits"), timeout=60)
+    ed.wait("the edit applied", lambda: ed.lines() != source, timeout=10)
+    assert ed.lines() == apply_workspace_edit(source, edits[0])
+
+
+def apply_workspace_edit(lines: list[str], edit: dict[str, Any]) -> list[str]:
+    """A WorkspaceEdit's text edits (one document, ASCII positions) applied to lines."""
+    text_edits = [e for changes in (edit.get("changes") or {}).values() for e in changes]
+    for change in edit.get("documentChanges") or []:
+        text_edits.extend(change.get("edits", []))
+    assert text_edits, edit
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line) + 1)
+    text = "\n".join(lines)
+
+    def at(p: dict[str, int]) -> int:
+        return min(offsets[min(p["line"], len(lines))] + p["character"], len(text))
+
+    for e in sorted(text_edits, key=lambda e: at(e["range"]["start"]), reverse=True):
+        text = text[: at(e["range"]["start"])] + e["newText"] + text[at(e["range"]["end"]) :]
+    return text.split("\n")
 
 
 def test_explain_opens_a_markdown_float(ed: Editor) -> None:
     ed.open_buffer("explain.py", ["def double(x):", "    return 2 * x", ""])
-    ed.lua("require('codellama').action('explain', 1, 2)")
+    ed.lua("vim.api.nvim_win_set_cursor(0, {2, 4})")
+    ed.lua(
+        "require('codellama').code_action({ apply = true,"
+        " filter = function(a) return a.title:lower():find('explain') ~= nil end })"
+    )
     shown = ed.wait(
         "the explanation",
         lambda: ed.lua("return require('codellama.actions').last_explain"),
         timeout=60,
     )
-    info = ed.lua(
+    assert isinstance(shown["text"], str) and shown["text"].strip()
+    window = ed.lua(
         """
         local win = ...
         if not vim.api.nvim_win_is_valid(win) then return nil end
         local buf = vim.api.nvim_win_get_buf(win)
-        return { relative = vim.api.nvim_win_get_config(win).relative, filetype = vim.bo[buf].filetype,
+        return { relative = vim.api.nvim_win_get_config(win).relative,
+                 filetype = vim.bo[buf].filetype,
                  lines = vim.api.nvim_buf_get_lines(buf, 0, -1, false) }
         """,
         shown["winnr"],
     )
-    assert info and info["relative"] != "" and info["filetype"] == "markdown", info
-    assert "\n".join(info["lines"]).strip() or not shown["text"].strip()
+    assert window and window["relative"] != "" and window["filetype"] == "markdown", window
+    assert "\n".join(window["lines"]).strip()
+
+    # The same through the command, on a range.
+    ed.lua("require('codellama.actions').last_explain = nil")
+    ed.nvim.command("1,2Codellama explain")
+    ed.wait(
+        "the explanation of :Codellama explain",
+        lambda: ed.lua("return require('codellama.actions').last_explain"),
+        timeout=60,
+    )
 
 
 def test_status_and_checkhealth(ed: Editor) -> None:
@@ -496,3 +635,77 @@ def test_setup_reports_bad_options_and_keeps_defaults(nvim_binary: str, tmp_path
     assert any("keymaps.accept" in m for m in messages)
     assert options["ghost_text"]["debounce_ms"] == 150
     assert options["keymaps"]["accept"] == "<Tab>"
+
+
+def test_pure_helpers_of_partial_accept(nvim_binary: str, tmp_path: Path) -> None:
+    ed = start_editor(nvim_binary, tmp_path, {})
+    try:
+        words = ed.lua(
+            "local c = require('codellama.completion') local out = {}"
+            " for _, s in ipairs(...) do out[#out + 1] = { c.next_word(s), c.next_line(s) } end"
+            " return out",
+            ["  foo(bar)", "(x, y)", "\n    return x", "abc\ndef", "", "é1 z"],
+        )
+        # Without ghost text the plugin's keys do what they did before.
+        ed.nvim.command("set noexpandtab")
+        ed.type("ia<Tab>b<C-]>c<Esc>")
+        typed = ed.wait("typing", lambda: ed.mode() == "n" and ed.lines() != [""] and ed.lines())
+    finally:
+        ed.nvim.close()
+    assert words == [
+        ["  foo", "  foo(bar)"],
+        ["(", "(x, y)"],
+        ["\n    ", "\n    return x"],
+        ["abc", "abc"],
+        ["", ""],
+        ["é", "é1 z"],
+    ]
+    assert typed == ["a\tbc"]
+
+
+def test_help_file_tags_and_links(nvim_binary: str, tmp_path: Path) -> None:
+    """:helptags accepts doc/codellama.txt, and every |link| in it to a codellama tag exists."""
+    doc = tmp_path / "doc"
+    doc.mkdir()
+    text = (PLUGIN / "doc" / "codellama.txt").read_text()
+    (doc / "codellama.txt").write_text(text)
+    done = subprocess.run(
+        [nvim_binary, "--headless", "--clean", "-c", f"helptags {doc}", "-c", "qa!"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    tags = {line.split("\t")[0] for line in (doc / "tags").read_text().splitlines()}
+    assert {"codellama.txt", "codellama-config", "codellama.setup()", ":Codellama"} <= tags
+    links = set(re.findall(r"\|((?:codellama|:Codellama)[^|\s]*)\|", text))
+    assert links and links <= tags, links - tags
+
+
+def test_lua_is_stylua_formatted(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """stylua --check with editors/neovim/.stylua.toml (StyLua from npm: the binary ships in
+    the package). By hand: npx --yes @johnnymorganz/stylua-bin --check editors/neovim"""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("npm is not installed: StyLua comes from the npm package stylua-bin")
+    prefix = tmp_path_factory.mktemp("stylua")
+    install = subprocess.run(
+        [
+            npm,
+            "install",
+            "--prefix",
+            str(prefix),
+            "--no-audit",
+            "--no-fund",
+            "@johnnymorganz/stylua-bin@2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    stylua = prefix / "node_modules" / ".bin" / "stylua"
+    check = subprocess.run(
+        [str(stylua), "--check", str(PLUGIN)], capture_output=True, text=True, timeout=120
+    )
+    assert check.returncode == 0, check.stdout[-4000:] + check.stderr[-2000:]

@@ -44,6 +44,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "vscode"
 E2E_FILE = "example.py"
 E2E_TEXT = "def add(a, b):\n    return a + b\n\n\n"
 E2E_TYPED = "def mul(a, b):"
+PACKAGE = "codellama_lsp"
 
 
 # -- running npm and node ------------------------------------------------------------------------
@@ -124,7 +125,9 @@ def vsix(compiled: Path) -> Path:
     CACHE.mkdir(exist_ok=True)
     out = CACHE / "codellama-lsp.vsix"
     vsce = str(EXT / "node_modules" / ".bin" / "vsce")
-    _run([vsce, "package", "--allow-missing-repository", "--out", str(out)], timeout=300)
+    # Relative links stay relative: the README's screenshot ships inside the package.
+    flags = ["--allow-missing-repository", "--no-rewrite-relative-links"]
+    _run([vsce, "package", *flags, "--out", str(out)], timeout=300)
     return out
 
 
@@ -134,6 +137,7 @@ def test_vsix_holds_the_extension_and_its_runtime_dependencies(vsix: Path) -> No
     for required in (
         "extension/package.json",
         "extension/readme.md",
+        "extension/docs/ghost-text.png",
         "extension/out/src/extension.js",
         "extension/node_modules/vscode-languageclient/package.json",
     ):
@@ -143,7 +147,7 @@ def test_vsix_holds_the_extension_and_its_runtime_dependencies(vsix: Path) -> No
     assert vsix.stat().st_size < 5 << 20
 
 
-# -- end to end in code-server -----------------------------------------------------------------------
+# -- end to end in code-server ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def e2e_tools() -> dict[str, Path]:
     """Chromium, Node 24 and code-server (installed by e2e/setup.sh, cached in .e2e/)."""
@@ -168,6 +172,7 @@ def _user_settings(tools: dict[str, Path], tap_log: Path, ckpt: Path) -> dict[st
     return {
         "workbench.startupEditor": "none",
         "workbench.tips.enabled": False,
+        "workbench.secondarySideBar.defaultVisibility": "hidden",
         "security.workspace.trust.enabled": False,
         "telemetry.telemetryLevel": "off",
         "update.mode": "none",
@@ -181,10 +186,11 @@ def _user_settings(tools: dict[str, Path], tap_log: Path, ckpt: Path) -> dict[st
         "editor.autoIndent": "none",
         "editor.formatOnType": False,
         "editor.inlineSuggest.enabled": True,
+        "files.autoSave": "off",
         "files.insertFinalNewline": False,
         "files.trimTrailingWhitespace": False,
         "codellama.server.command": str(tools["node"]),
-        "codellama.server.args": [str(tap), str(tap_log), "--", sys.executable, "-m", "codellama_lsp"],
+        "codellama.server.args": [str(tap), str(tap_log), "--", sys.executable, "-m", PACKAGE],
         "codellama.model.ckptDir": str(ckpt),
         "codellama.model.device": "cpu",
         "codellama.model.dtype": "float32",
@@ -224,12 +230,17 @@ def code_server_run(
     (work / E2E_FILE).write_text(E2E_TEXT)
     tap_log = tmp_path / "lsp-tap.jsonl"
     settings = _user_settings(e2e_tools, tap_log, tiny_checkpoint)
-    (data / "User" / "settings.json").write_text(json.dumps(settings, indent=2))
+    # Paths and commands are machine settings: a remote window (code-server) reads them there.
+    for scope in ("User", "Machine"):
+        (data / scope).mkdir(exist_ok=True)
+        (data / scope / "settings.json").write_text(json.dumps(settings, indent=2))
     env = {**os.environ, "HOME": str(home), "PATH": f"{e2e_tools['node_bin']}:{os.environ['PATH']}"}
     install = [str(e2e_tools["code_server"]), "--install-extension", str(vsix)]
-    _run([*install, "--extensions-dir", str(exts), "--user-data-dir", str(data)], timeout=120, env=env)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    config = {
+    profile = ["--extensions-dir", str(exts), "--user-data-dir", str(data)]
+    _run([*install, *profile], timeout=120, env=env)
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    config: dict[str, Any] = {
         "codeServer": str(e2e_tools["code_server"]),
         "nodeBinDir": str(e2e_tools["node_bin"]),
         "port": _free_port(),
@@ -383,7 +394,8 @@ def test_ghost_text_accept_and_explain_in_code_server(code_server_run: dict[str,
 
     # Explain: the preview shows the server's Markdown under the extension's heading.
     explains = [
-        (p, r) for p, r in _exchanges(tap, "workspace/executeCommand")
+        (p, r)
+        for p, r in _exchanges(tap, "workspace/executeCommand")
         if p.get("command") == "codellama.explain"
     ]
     assert explains, "Explain never reached the server"
@@ -395,3 +407,18 @@ def test_ghost_text_accept_and_explain_in_code_server(code_server_run: dict[str,
     expected = _words(markdown)
     assert _in_order(expected, _words(body)), (markdown, preview)
     assert body.strip(), preview
+
+    # Refactor: the instruction from the input box reached the server, its edit landed through
+    # workspace/applyEdit, and one Ctrl+Z took it back.
+    refactors = [p for p in accepts if p.get("command") == "codellama.refactor"]
+    assert refactors and refactors[-1]["arguments"][2] == "Use clearer names.", refactors
+    edits = [
+        e for e in tap if e["dir"] == "out" and e["message"].get("method") == "workspace/applyEdit"
+    ]
+    assert edits, "the server sent no workspace/applyEdit"
+    assert result["refactoredText"] != result["savedText"]
+    assert result["undoneText"] == result["savedText"]
+
+    # The status bar item toggles inline completions.
+    assert "Code Llama" in result["statusText"]
+    assert "off" in result["toggledStatusText"], result["toggledStatusText"]

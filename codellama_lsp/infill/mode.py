@@ -52,7 +52,8 @@ def decide_mode(prefix: str, suffix: str, invoked: bool = False) -> Mode:
             return Mode(True, "between brackets", indent + 1, indent)
         return Mode(False, "mid-line")
     if not before.strip():
-        return _blank_line_mode(prefix[: len(prefix) - len(before)], indent)
+        line_start = len(prefix) - len(before)
+        return _blank_line_mode(prefix[max(0, line_start - _LOOKBACK_CHARS) : line_start], indent)
     if ends_with_opener(before):
         return Mode(True, "after block opener", indent + 1, indent)
     if invoked:
@@ -61,7 +62,7 @@ def decide_mode(prefix: str, suffix: str, invoked: bool = False) -> Mode:
 
 
 def _blank_line_mode(above: str, indent: int) -> Mode:
-    previous = _last_nonblank_line(above[-_LOOKBACK_CHARS:])
+    previous = _last_nonblank_line(above)
     if previous is not None and ends_with_opener(previous):
         opener_indent = indent_width(previous)
         deeper = max(indent, opener_indent + 1)

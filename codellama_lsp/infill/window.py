@@ -77,8 +77,8 @@ def select_window(
     pre = _Side(_prefix_pieces(prefix, max_chars), keep_end=True)
     suf = _Side(_suffix_pieces(suffix, max_chars), keep_end=False)
     count = _counter(count_tokens)
-    _take_cursor_line(pre, suf, count, budget)
     prefix_quota = int(budget * min(max(prefix_share, 0.0), 1.0))
+    _take_cursor_line(pre, suf, count, budget, prefix_quota)
     _extend(pre, count, min(prefix_quota, budget - suf.used) - pre.used)
     _extend(suf, count, budget - prefix_quota - suf.used)
     _extend(pre, count, budget - pre.used - suf.used)
@@ -118,17 +118,26 @@ def _split_lf(text: str) -> list[str]:
 
 
 # -- filling ---------------------------------------------------------------------------------
-def _take_cursor_line(pre: _Side, suf: _Side, count: TokenCounter, budget: int) -> None:
-    """The cursor line first: whole when it fits, otherwise cut next to the cursor."""
-    for side in (pre, suf):
-        allowance = budget - pre.used - suf.used
-        first = side.pieces[0]
-        tokens = count(first)
-        if tokens > allowance:
-            first, tokens = _cut_to_fit(first, count, allowance, side.keep_end, tokens)
-            side.pieces[0] = first
-            side.blocked = True
-        side.taken, side.used = 1, tokens
+def _take_cursor_line(
+    pre: _Side, suf: _Side, count: TokenCounter, budget: int, prefix_quota: int
+) -> None:
+    """The cursor line first: whole when it fits, otherwise cut next to the cursor.
+
+    When both parts do not fit, the suffix's part keeps up to its share of the budget, so a
+    megabyte line around the cursor still shows the model some text after the cursor.
+    """
+    pre_tokens, suf_tokens = count(pre.pieces[0]), count(suf.pieces[0])
+    _take_first(pre, count, budget - min(suf_tokens, budget - prefix_quota), pre_tokens)
+    _take_first(suf, count, budget - pre.used, suf_tokens)
+
+
+def _take_first(side: _Side, count: TokenCounter, allowance: int, tokens: int) -> None:
+    """Take the side's cursor-line part, cut to `allowance` when it is longer."""
+    if tokens > allowance:
+        cut = _cut_to_fit(side.pieces[0], count, allowance, side.keep_end, tokens)
+        side.pieces[0], tokens = cut
+        side.blocked = True
+    side.taken, side.used = 1, tokens
 
 
 def _extend(side: _Side, count: TokenCounter, allowance: int) -> None:

@@ -76,21 +76,3 @@ def mapped_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise to_jsonrpc(exc) from exc
 
     return wrapper
-
-
-def mapped_errors_sync(fn: Callable[P, R]) -> Callable[P, R]:
-    """`mapped_errors` for the few handlers that never wait (code action listing, stats)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except JsonRpcException:
-            raise
-        except CodeLlamaError as exc:
-            raise to_jsonrpc(exc) from exc
-        except Exception as exc:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise to_jsonrpc(exc) from exc
-
-    return wrapper

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from codellama_lsp.lsp import convert
 from codellama_lsp.lsp.errors import ContentModifiedError, mapped_errors
 from codellama_lsp.lsp.server import AuthenticationError, CodeLlamaServer
 from codellama_lsp.service.actions import ACTIONS
+from codellama_lsp.service.runtime import ActionsUnavailableError
 from codellama_lsp.service.service import ActionResult, CodeLlamaService
 
 log = logging.getLogger(__name__)
@@ -118,11 +120,7 @@ async def inline_completion_impl(
 ) -> t.InlineCompletionList:
     invoked = params.context.trigger_kind == t.InlineCompletionTriggerKind.Invoked
     position = convert.pos(params.position)
-    try:
-        result = await service.complete(params.text_document.uri, position, invoked, rid)
-    except asyncio.CancelledError:
-        service.cancelled(rid)
-        raise
+    result = await service.complete(params.text_document.uri, position, invoked, rid)
     return convert.inline_items(result.items)
 
 
@@ -136,11 +134,7 @@ async def completion_impl(
 ) -> t.CompletionList:
     # Clients ask for plain completion on every keystroke: treat it as an automatic trigger.
     uri, position = params.text_document.uri, convert.pos(params.position)
-    try:
-        result = await service.complete(uri, position, False, rid)
-    except asyncio.CancelledError:
-        service.cancelled(rid)
-        raise
+    result = await service.complete(uri, position, False, rid)
     if not result.items:
         return t.CompletionList(is_incomplete=True, items=[])
     word, start = service.word_before(uri, position)
@@ -208,9 +202,13 @@ def action_command(name: str) -> Any:
 
 async def run_action_impl(ls: CodeLlamaServer, name: str, arguments: list[Any]) -> dict[str, Any]:
     uri, start, end, instruction = convert.parse_command_args(arguments)
-    result = await service_of(ls).run_action(
-        name, uri, start, end, instruction, request_id(ls, "a")
-    )
+    try:
+        result = await service_of(ls).run_action(
+            name, uri, start, end, instruction, request_id(ls, "a")
+        )
+    except ActionsUnavailableError as exc:  # a setup to explain, not a failure of the request
+        ls.show(t.MessageType.Warning, f"Code Llama: {exc}")
+        return {"unavailable": str(exc)}
     if result.refused:
         ls.show(t.MessageType.Warning, f"Code Llama refused: {result.refused}")
         return {"refused": result.refused}
@@ -260,7 +258,10 @@ def write_explanation(markdown: str) -> Path:
     if _explain_dir is None:
         _explain_dir = Path(tempfile.mkdtemp(prefix="codellama-explain-"))
     path = _explain_dir / f"explanation-{next(_request_ids)}.md"
-    path.write_text(markdown + "\n", encoding="utf-8")
+    # Private like its folder (mkdtemp: 0700): the explained code may be confidential.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(markdown + "\n")
     return path
 
 

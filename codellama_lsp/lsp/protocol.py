@@ -46,8 +46,16 @@ class CodeLlamaProtocol(LanguageServerProtocol):
     def send_error(self, msg_id: Any, code: int, message: str) -> None:
         if not isinstance(msg_id, int | str) or isinstance(msg_id, bool):
             msg_id = None
-        error = types.ResponseError(code=int(code), message=message)
-        self._send_data(types.ResponseErrorMessage(id=msg_id, error=error))
+        # A plain dict: JSON-RPC wants `"id": null` when the id is unknown, and lsprotocol's
+        # converter would drop a None field.
+        error = {"code": int(code), "message": message}
+        self._send_data({"jsonrpc": "2.0", "id": msg_id, "error": error})
+
+    def _send_response(self, msg_id: Any, result: Any = None, error: Any = None) -> None:
+        super()._send_response(msg_id, result, error)
+        if getattr(self._server, "reject_connection", False) and self.writer is not None:
+            # A TCP client without the token got its error: hang up (the read loop sees EOF).
+            self.writer.close()
 
     def _answer_unstructurable(self, data: dict[str, Any], exc: JsonRpcException) -> None:
         method = data.get("method")

@@ -78,10 +78,14 @@ def serve(
 
 
 def serve_from_args(args: argparse.Namespace) -> int:
-    """`codellama-lsp serve ...`: the flags of add_model_arguments and add_server_arguments."""
-    config = config_from_cli_args(args)
-    token = read_token(getattr(args, "token_file", None))
+    """`python -m codellama_lsp.lsp ...`: the flags of add_model_arguments/add_server_arguments."""
+    return serve_with_args(config_from_cli_args(args), args)
+
+
+def serve_with_args(config: Config, args: argparse.Namespace | None) -> int:
+    """`serve` with the transport flags of `config.add_server_arguments` (None: stdio)."""
     try:
+        token = read_token(getattr(args, "token_file", None))
         return serve(
             config,
             tcp=getattr(args, "tcp", None),

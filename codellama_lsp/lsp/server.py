@@ -6,6 +6,7 @@ them to LSP methods and keeps the per-connection state (config, service, client 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hmac
 import logging
@@ -167,3 +168,10 @@ def _encoding_name(chosen: Any) -> PositionEncoding:
     if value == "utf-32":
         return "utf-32"
     return "utf-16"
+
+
+def serve(config: Config, args: argparse.Namespace | None = None) -> int:
+    """`codellama-lsp serve`: run the server over stdio or `--tcp` (see `lsp/serve.py`)."""
+    from codellama_lsp.lsp.serve import serve_with_args
+
+    return serve_with_args(config, args)

@@ -118,7 +118,12 @@ async def _discard(reader: AsyncReader, length: int) -> None:
 def parse_body(body: bytes) -> tuple[Any, tuple[int, str] | None]:
     """The decoded JSON, or an error (code, message) to answer with a null id."""
     try:
-        data = json.loads(body)
+        try:
+            data = json.loads(body)
+        except UnicodeDecodeError:
+            # Invalid UTF-8 (a file an editor read from disk as raw bytes): keep the message,
+            # with U+FFFD for the bad bytes, rather than lose a didOpen or didChange.
+            data = json.loads(body.decode("utf-8", "replace"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return None, (ErrorCodes.ParseError, f"invalid JSON: {type(exc).__name__}")
     if not isinstance(data, dict) or data.get("jsonrpc") != "2.0":

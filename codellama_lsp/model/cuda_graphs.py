@@ -145,8 +145,8 @@ class GraphedDecoder:
     `mode`: "graphs" (CUDA only), "padded" (the bucketing and padding without graphs: what the CPU
     tests check), "eager" (the plain forward). Default: graphs on CUDA in a world of one rank
     (`allow_collectives` captures fairscale's NCCL all-reduces too: untested), else eager.
-    `compile_mode` runs the step through torch.compile; with "reduce-overhead" inductor records
-    its own graphs, so the mode becomes "padded".
+    `compile_mode` runs the step through torch.compile (one compilation per bucket); it turns
+    "eager" into "padded", and so does "reduce-overhead", whose inductor records its own graphs.
     """
 
     def __init__(
@@ -178,7 +178,8 @@ class GraphedDecoder:
         bucket = self.bucket_for(tokens.shape[0], kv_len, tokens.shape[1])
         if self.mode == "eager" or bucket is None:
             self.stats["eager"] += 1
-            return self._eager_step(*inputs, kv_len)
+            step = self._step if self.mode == "eager" else self._eager_step
+            return step(*inputs, kv_len)
         n, padded = tokens.shape[0], pad_rows(inputs, bucket.batch, self.pad_slot)
         self.stats[self.mode] += 1
         if self.mode == "padded":
@@ -234,6 +235,8 @@ def _resolve_mode(
     if mode == "graphs" and not on_cuda:
         log.info("CUDA graphs need a CUDA cache; decoding with padded eager steps")
         mode = "padded"
-    if mode == "graphs" and compile_mode == "reduce-overhead":
-        mode = "padded"  # inductor records the graphs itself
+    if compile_mode is not None and (mode == "eager" or compile_mode == "reduce-overhead"):
+        # Compiled steps need the buckets (else one compilation per key length); with
+        # "reduce-overhead" inductor records the graphs itself.
+        mode = "padded"
     return mode

@@ -51,7 +51,9 @@ class SlotTable:
         through the model, because its logits give the first generated token.
         """
         cap = len(prompt) - 1 if allow_reuse else 0
-        best = max(self.slots, key=lambda s: (min(common_prefix(s.tokens, prompt), cap), not s.busy))
+        best = max(
+            self.slots, key=lambda s: (min(common_prefix(s.tokens, prompt), cap), not s.busy)
+        )
         reuse = min(common_prefix(best.tokens, prompt), cap)
         if reuse > 0 and not best.busy:
             return Placement(best.index, reuse)

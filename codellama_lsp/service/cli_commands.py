@@ -1,4 +1,4 @@
-"""The CLI's `complete`, `infill` and `chat`: the reference's example scripts on our worker group."""
+"""The CLI's `complete`, `infill` and `chat`: the reference's three example scripts."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def _dialog(args: argparse.Namespace) -> list[Message]:
     dialog: list[Message] = []
     if args.system is not None:
         dialog.append(Message(role="system", content=args.system))
-    dialog.extend(Message(role=role, content=text) for role, text in turns)
+    dialog.extend(Message.from_dict({"role": role, "content": text}) for role, text in turns)
     return dialog
 
 

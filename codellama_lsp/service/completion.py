@@ -46,6 +46,8 @@ class Trace:
     generated_tokens: int = 0
     finish_reason: str = ""
     early_stop: bool = False
+    worker_cancels: int = 0  # generations stopped on the worker before they finished
+    prompt_ids: tuple[int, ...] = ()  # logged at debug only (they encode document text)
     _mark: float = field(default_factory=time.perf_counter)
 
     def lap(self, stage: str) -> None:
@@ -119,6 +121,7 @@ def plan_completion(
     fim = choose_fim_format(settings.fim_format, window)
     prompt = prompt_step(tokenizer, window, fim)
     trace.prompt_tokens = len(prompt)
+    trace.prompt_ids = tuple(prompt)
     trace.lap("prompt")
     mode = mode_step(window, cursor.invoked)
     trace.lap("mode")
@@ -151,6 +154,7 @@ async def generate_step(
     request: EngineRequest,
     mode: Mode,
     on_start: Callable[[Callable[[], None]], None] | None = None,
+    trace: Trace | None = None,
 ) -> Generated:
     """Stream one candidate; stop the worker as soon as the mode's answer is complete.
 
@@ -172,6 +176,8 @@ async def generate_step(
     finally:
         if finished is None:
             generator.cancel(request.request_id)
+            if trace is not None:
+                trace.worker_cancels += 1
     if finished is not None and finished.reason == "error":
         raise WorkerError(finished.message or "the model failed on this request")
     reason: FinishReason = finished.reason if finished is not None else "stop"
@@ -234,7 +240,7 @@ async def complete_at(
         for index in range(count)
     ]
     results = await asyncio.gather(
-        *(generate_step(generator, tokenizer, r, plan.mode, remember_stop) for r in requests)
+        *(generate_step(generator, tokenizer, r, plan.mode, remember_stop, trace) for r in requests)
     )
     trace.lap("generate")
     trace.generated_tokens = sum(len(r.tokens) for r in results)

@@ -9,6 +9,7 @@ worse than none) until the editor sends the whole text again or reopens it.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from codellama_lsp.errors import CodeLlamaError
@@ -17,6 +18,16 @@ from codellama_lsp.infill.edits import PositionEncoding, apply_change, offset_at
 log = logging.getLogger(__name__)
 
 Pos = tuple[int, int]
+
+# JSON may carry a lone surrogate ("\\ud800"); SentencePiece cannot encode one and would fail
+# every request on the document. U+FFFD takes the same code units in every position encoding
+# (1 in UTF-16 and UTF-32, 3 in UTF-8), so replacing it moves no position.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scrub_surrogates(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD (positions unchanged)."""
+    return _LONE_SURROGATE.sub("\ufffd", text) if _LONE_SURROGATE.search(text) else text
 
 
 class DocumentNotFoundError(CodeLlamaError):
@@ -56,7 +67,7 @@ class DocumentStore:
         return len(self._docs)
 
     def open(self, uri: str, language_id: str, version: int, text: str) -> Document:
-        doc = Document(uri, language_id, version, text)
+        doc = Document(uri, language_id, version, scrub_surrogates(text))
         self._check_size(doc)
         self._docs[uri] = doc
         return doc
@@ -89,7 +100,8 @@ class DocumentStore:
         for change in changes:
             if change.range is None:
                 doc.in_sync = True
-            doc.text = apply_change(doc.text, change.range, change.text, self.encoding)
+            new_text = scrub_surrogates(change.text)
+            doc.text = apply_change(doc.text, change.range, new_text, self.encoding)
         if version is not None:
             doc.version = version
         self._check_size(doc)

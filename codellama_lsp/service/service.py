@@ -19,12 +19,12 @@ from typing import Any
 from codellama_lsp.config import Config
 from codellama_lsp.errors import PromptError, RequestCancelledError
 from codellama_lsp.infill.chat import chat_refusal, chat_stop_ids, dialog_prompt_tokens
-from codellama_lsp.infill.edits import PositionEncoding
+from codellama_lsp.infill.edits import PositionEncoding, position_at
 from codellama_lsp.model.types import EngineRequest, FinishEvent, SamplingParams
 from codellama_lsp.service import actions as act
 from codellama_lsp.service.cache import Candidate, CompletionCache
 from codellama_lsp.service.completion import Cursor, Trace, answer_text, complete_at
-from codellama_lsp.service.documents import Change, Document, DocumentStore
+from codellama_lsp.service.documents import Change, Document, DocumentStore, scrub_surrogates
 from codellama_lsp.service.runtime import GroupFactory, ModelStatus, Runtime, default_group_factory
 from codellama_lsp.service.safety import run_safety_check
 from codellama_lsp.service.scheduler import DocumentScheduler, SupersededError
@@ -47,7 +47,7 @@ class CompletionItem:
 @dataclass(frozen=True)
 class CompletionResult:
     items: list[CompletionItem]
-    outcome: str  # model | cache | empty | superseded | stale | not-ready | disabled | unsynced
+    outcome: str  # model | cache | empty | superseded | stale | notReady | disabled | unsynced
     message: str = ""
 
 
@@ -133,10 +133,16 @@ class CodeLlamaService:
         """Inline completion at `position`; never raises for the ordinary reasons to say nothing."""
         started = time.perf_counter()
         trace = Trace()
-        result = await self._complete(uri, position, invoked, request_id, version, trace)
-        elapsed = (time.perf_counter() - started) * 1000
-        self._record(request_id, uri, result, trace, elapsed)
-        return result
+        result = CompletionResult([], "error")
+        try:
+            result = await self._complete(uri, position, invoked, request_id, version, trace)
+            return result
+        except asyncio.CancelledError:  # $/cancelRequest: generate_step told the worker
+            result = CompletionResult([], "cancelled")
+            raise
+        finally:
+            elapsed = (time.perf_counter() - started) * 1000
+            self._record(request_id, uri, result, trace, elapsed)
 
     async def _complete(
         self, uri: str, position: Pos, invoked: bool, rid: str, version: int | None, trace: Trace
@@ -149,17 +155,19 @@ class CodeLlamaService:
             return refusal
         offset = self.documents.offset(doc, *position)
         before, after = doc.text[:offset], doc.text[offset:]
-        cached = self.cache.lookup(uri, before, after)
+        # An explicit trigger asks for fresh candidates; typing is answered from the cache.
+        cached = None if invoked else self.cache.lookup(uri, before, after)
         trace.lap("fetch")
         if cached is not None:
             return CompletionResult(_items(cached, position), "cache")
         try:
             model = self.runtime.completion_model()
         except Exception as exc:  # not ready / restarting / failed: say so, do not wait
-            return CompletionResult([], "not-ready", str(exc))
+            return CompletionResult([], "notReady", str(exc))
         seen_version = doc.version
         try:
             async with self.scheduler.turn(uri) as ticket:
+                trace.lap("queue")
                 texts = await complete_at(
                     model.generator,
                     model.tokenizer,
@@ -215,9 +223,11 @@ class CodeLlamaService:
         self.stats.count("completion.requests")
         self.stats.count(f"completion.{result.outcome}")
         if result.outcome in ("model", "cache", "empty"):
-            self.stats.latency(f"completion.{result.outcome}", ms)
+            self.stats.latency("completion", ms)
+            self.stats.latency("completionFrom" + result.outcome.capitalize(), ms)
         self.stats.count("tokens.prompt", trace.prompt_tokens)
         self.stats.count("tokens.generated", trace.generated_tokens)
+        self.stats.count("generation.stoppedOnWorker", trace.worker_cancels)
         line = {
             "id": rid,
             "kind": "completion",
@@ -232,12 +242,9 @@ class CodeLlamaService:
             "earlyStop": trace.early_stop,
         }
         log.info("request %s", json.dumps(line, separators=(",", ":")))
-        if log.isEnabledFor(logging.DEBUG):
+        if log.isEnabledFor(logging.DEBUG):  # document text: never above debug
+            log.debug("request %s prompt %s", rid, json.dumps(list(trace.prompt_ids)))
             log.debug("request %s texts %s", rid, json.dumps([i.text for i in result.items]))
-
-    def cancelled(self, request_id: str) -> None:
-        self.stats.count("completion.cancelled")
-        log.info('request {"id":"%s","kind":"completion","outcome":"cancelled"}', request_id)
 
     # -- shown / accepted ------------------------------------------------------------------------
     def did_show(self, completion_id: str) -> bool:
@@ -289,8 +296,8 @@ class CodeLlamaService:
             raise
         finally:
             ms = (time.perf_counter() - started) * 1000
-            self.stats.count(f"action.{name}.{outcome}")
-            self.stats.latency(f"action.{name}", ms)
+            self.stats.count(f"action.{name}{outcome.capitalize()}")
+            self.stats.latency(name, ms)
             line = {"id": request_id, "kind": f"action.{name}", "outcome": outcome, "ms": round(ms)}
             log.info("request %s", json.dumps(line, separators=(",", ":")))
 
@@ -307,6 +314,7 @@ class CodeLlamaService:
             raise PromptError("nothing to act on: select some code or put the cursor in a function")
         model = self.runtime.chat_model()
         version, text = doc.version, doc.text
+        instruction = scrub_surrogates(instruction)  # the tokenizer cannot encode lone ones
         if name == "refactor" and not instruction.strip():
             instruction = self.config.actions.refactor_instruction
         dialog = act.action_dialog(name, doc.language_id, code, instruction)
@@ -327,8 +335,6 @@ class CodeLlamaService:
         return ActionResult(name, answer.strip(), uri, version, pos, rep.new_text)
 
     def _position_in(self, text: str, offset: int) -> Pos:
-        from codellama_lsp.infill.edits import position_at
-
         p = position_at(text, offset, self.documents.encoding)
         return p.line, p.character
 
@@ -354,6 +360,8 @@ class CodeLlamaService:
             stop_ids=chat_stop_ids(model.tokenizer),
             seed=0,
         )
+        if log.isEnabledFor(logging.DEBUG):  # document text: never above debug
+            log.debug("request %s prompt %s", rid, json.dumps(prompt))
         request = EngineRequest(rid, tuple(prompt), params)
         tokens: list[int] = []
         finished = False

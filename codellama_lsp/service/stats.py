@@ -27,6 +27,7 @@ class Stats:
     _latency_ms: dict[str, deque[float]] = field(default_factory=dict)
 
     def count(self, name: str, n: int = 1) -> None:
+        """`name` is "group.counter" (e.g. "completion.cache"): reported nested by group."""
         self.counts[name] += n
 
     def latency(self, name: str, ms: float) -> None:
@@ -46,8 +47,12 @@ class Stats:
             }
             for name, values in self._latency_ms.items()
         }
+        counts: dict[str, dict[str, int]] = {}
+        for name, value in sorted(self.counts.items()):
+            group, _, counter = name.partition(".")
+            counts.setdefault(group, {})[counter or "total"] = value
         return {
-            "counts": dict(sorted(self.counts.items())),
+            "counts": counts,
             "acceptanceRate": self.acceptance_rate(),
             "latencyMs": latency,
         }

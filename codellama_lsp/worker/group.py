@@ -23,7 +23,7 @@ import atexit
 import contextlib
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from codellama_lsp.errors import (
@@ -112,7 +112,7 @@ class WorkerGroup:
         return self._supervisor.rank_pids()
 
     # -- requests --------------------------------------------------------------------------------
-    async def stream(self, request: EngineRequest) -> AsyncIterator[Event]:
+    async def stream(self, request: EngineRequest) -> AsyncGenerator[Event, None]:
         """The request's TokenEvents as they are produced, then its FinishEvent.
 
         Stopping early (break, task cancelled, aclose) cancels the request in the engine. Use
@@ -138,7 +138,9 @@ class WorkerGroup:
             if not finished:
                 self.cancel(rid)
 
-    async def _next(self, queue: asyncio.Queue[Event | BaseException], rid: str) -> object:
+    async def _next(
+        self, queue: asyncio.Queue[Event | BaseException], rid: str
+    ) -> Event | BaseException:
         timeout = self.settings.request_timeout_s
         try:
             return await asyncio.wait_for(queue.get(), timeout)
@@ -164,7 +166,7 @@ class WorkerGroup:
         if status.state == "ready":
             return
         if status.state == "restarting":
-            raise WorkerRestartingError(f"model restarting: {status.message}")
+            raise WorkerRestartingError(f"model restarting ({status.message})")
         if status.state == "loading":
             raise WorkerNotReadyError(f"the model is still loading: {status.message}")
         raise WorkerError(status.message or f"the model worker group is {status.state}")

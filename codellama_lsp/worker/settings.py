@@ -31,7 +31,11 @@ class WorkerSettings:
 
     @property
     def tokenizer_file(self) -> Path:
-        return self.tokenizer_path if self.tokenizer_path is not None else self.ckpt_dir / "tokenizer.model"
+        return (
+            self.tokenizer_path
+            if self.tokenizer_path is not None
+            else self.ckpt_dir / "tokenizer.model"
+        )
 
     def validate(self) -> None:
         if self.nproc < 1:
@@ -62,6 +66,11 @@ def settings_from(config: Any, **overrides: Any) -> WorkerSettings:
             "max_batch_size",
             "load_timeout_s",
             "request_timeout_s",
+            "init_timeout_s",
+            "heartbeat_interval_s",
+            "hang_timeout_s",
+            "max_restarts",
+            "restart_backoff_s",
         )
         known = {name: getattr(config, name) for name in fields_ if hasattr(config, name)}
         base = WorkerSettings(

@@ -41,6 +41,7 @@ from codellama_lsp.worker.protocol import (
     Ready,
     ReadyInfo,
     Shutdown,
+    Submit,
 )
 from codellama_lsp.worker.ranks import RankSet, describe_exit
 from codellama_lsp.worker.router import Router
@@ -92,6 +93,7 @@ class Supervisor:
         self.info: ReadyInfo | None = None
         self.first_ready: concurrent.futures.Future[ReadyInfo] = concurrent.futures.Future()
         self._ranks: RankSet | None = None
+        self._last_fault = ""
         self._ranks_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -132,14 +134,20 @@ class Supervisor:
         first = True
         try:
             while not self._stop.is_set():
-                self._set_status("loading" if first else "restarting", "starting the model")
+                if first:
+                    self._set_status("loading", "starting the model")
+                else:
+                    self._set_status("restarting", f"restarting after: {self._last_fault}")
                 ready_at = None
                 try:
                     self._launch()
                     first, ready_at = False, time.monotonic()
                     self._serve()
                 except _Fault as fault:
-                    if ready_at is not None and time.monotonic() - ready_at >= self.settings.stable_after_s:
+                    if (
+                        ready_at is not None
+                        and time.monotonic() - ready_at >= self.settings.stable_after_s
+                    ):
                         faults = 0
                     faults += 1
                     if not self._recover(fault, faults):
@@ -154,14 +162,14 @@ class Supervisor:
 
     def _recover(self, fault: _Fault, faults: int) -> bool:
         """Fail pending requests, kill the ranks, wait; False when the group gives up."""
-        reason = fault.reason
+        reason = self._last_fault = fault.reason
         log.warning("worker group fault (%d): %s", faults, reason)
         self._kill_ranks()
         if fault.fatal or faults > self.settings.max_restarts:
             why = reason if fault.fatal else f"{faults} faults in a row, the last: {reason}"
             self._give_up(f"the model worker group failed: {why}")
             return False
-        self._set_status("restarting", f"model restarting after a fault: {reason}")
+        self._set_status("restarting", f"restarting after: {reason}")
         n = self.router.fail_all(lambda: WorkerRestartingError(f"model restarting: {reason}"))
         if n:
             log.warning("failed %d pending request(s): %s", n, reason)
@@ -310,18 +318,29 @@ class Supervisor:
                 return
             with self._ranks_lock:
                 conn = None if self._ranks is None else self._ranks.conns[0]
-            if conn is None:
-                continue
-            with contextlib.suppress(OSError, ValueError):
-                # A broken pipe means rank 0 died: the supervisor sees it and fails the requests.
+            try:
+                if conn is None:
+                    raise OSError("no rank processes")
                 conn.send(message)
+            except (OSError, ValueError):
+                # Rank 0 is gone (the supervisor sees that too): this request cannot run.
+                self._drop(message)
 
     def _drain_outbox(self) -> None:
         with contextlib.suppress(queue.Empty):
             while True:
-                if self._outbox.get_nowait() is None:
+                message = self._outbox.get_nowait()
+                if message is None:
                     self._outbox.put(None)
                     return
+                self._drop(message)
+
+    def _drop(self, message: ParentMessage) -> None:
+        """A message that never reached rank 0: its request must not wait for an answer."""
+        if isinstance(message, Submit):
+            reason = self._last_fault or "the rank processes are not running"
+            error = WorkerRestartingError(f"model restarting: {reason}")
+            self.router.fail(message.request.request_id, error)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _kill_ranks(self) -> None:

@@ -31,7 +31,12 @@ export interface E2EResult {
   textBeforeAccept: string;
   savedText: string;
   previewText: string;
+  /** The file saved after Refactor's edit, then after Ctrl+Z. */
+  refactoredText: string;
+  undoneText: string;
   statusText: string;
+  /** The status bar text after clicking it (the toggle). */
+  toggledStatusText: string;
   timingsMs: Record<string, number>;
 }
 
@@ -102,9 +107,11 @@ async function runCommand(page: Page, title: string): Promise<void> {
 const tapSaw = (config: E2EConfig, needle: string): true | undefined =>
   existsSync(config.tapLog) && readFileSync(config.tapLog, 'utf8').includes(needle) ? true : undefined;
 
+/** The ghost text on screen: the part after the cursor, then any lines shown below it. */
 async function ghostText(page: Page): Promise<string | undefined> {
-  const parts = await page.locator('.ghost-text-decoration, .ghost-text-decoration-preview, .ghost-text').allTextContents();
-  const text = parts.join('\n').replace(/\u00a0/g, ' ');
+  const inline = await page.locator('.ghost-text-decoration, .ghost-text-decoration-preview').allTextContents();
+  const lines = await page.locator('.ghost-text .view-line').allTextContents();
+  const text = [inline.join(''), ...lines].join('\n').replace(/\u00a0/g, ' ');
   return text.trim() === '' ? undefined : text;
 }
 
@@ -165,11 +172,7 @@ async function drive(config: E2EConfig, page: Page): Promise<E2EResult> {
   const textBeforeAccept = readFileSync(filePath, 'utf8');
   await page.keyboard.press('Tab');
   await until('ghost text to go', 10_000, async () => ((await ghostText(page)) === undefined ? true : undefined));
-  await page.keyboard.press('Control+S');
-  const savedText = await until('the saved file', 20_000, () => {
-    const text = readFileSync(filePath, 'utf8');
-    return text !== textBeforeAccept ? text : undefined;
-  });
+  const savedText = await save(page, filePath, textBeforeAccept);
   mark('accepted and saved');
   await until('the accept command at the server', 20_000, () => tapSaw(config, '"command":"codellama.acceptCompletion"'));
 
@@ -179,7 +182,41 @@ async function drive(config: E2EConfig, page: Page): Promise<E2EResult> {
   await page.waitForTimeout(500);
   await page.screenshot({ path: join(config.artifacts, 'explain.png') });
   mark('explain preview');
-  return { ghostText: ghost, textBeforeAccept, savedText, previewText: (await previewText(page)) ?? preview, statusText, timingsMs: timings };
+  const finalPreview = (await previewText(page)) ?? preview;
+
+  const [refactoredText, undoneText] = await refactorAndUndo(page, filePath, savedText);
+  mark('refactor and undo');
+  await status.click();
+  await status.locator('.codicon-circle-slash').waitFor({ timeout: 10_000 });
+  const toggledStatusText = (await status.textContent()) ?? '';
+  mark('toggled off');
+  return { ghostText: ghost, textBeforeAccept, savedText, previewText: finalPreview, refactoredText, undoneText, statusText, toggledStatusText, timingsMs: timings };
+}
+
+/** Refactor the whole file with an instruction typed in the input box; save; undo; save. */
+async function refactorAndUndo(page: Page, filePath: string, savedText: string): Promise<[string, string]> {
+  const dirtyTab = page.locator('.tab.dirty', { hasText: 'example.py' }).first();
+  await page.locator('.monaco-editor .view-lines').first().click();
+  await page.keyboard.press('Control+A');
+  await runCommand(page, 'Code Llama: Refactor');
+  await page.locator('.quick-input-widget .quick-input-title', { hasText: 'Code Llama: Refactor' }).waitFor({ timeout: 10_000 });
+  await page.keyboard.type('Use clearer names.');
+  await page.keyboard.press('Enter');
+  await dirtyTab.waitFor({ timeout: 120_000 });
+  const refactored = await save(page, filePath, savedText);
+  await dirtyTab.waitFor({ state: 'detached', timeout: 10_000 });
+  await page.keyboard.press('Control+Z');
+  await dirtyTab.waitFor({ timeout: 10_000 });
+  return [refactored, await save(page, filePath, refactored)];
+}
+
+/** Ctrl+S, then the file's new text once it differs from `previous`. */
+async function save(page: Page, filePath: string, previous: string): Promise<string> {
+  await page.keyboard.press('Control+S');
+  return until('the saved file', 20_000, () => {
+    const text = readFileSync(filePath, 'utf8');
+    return text !== previous ? text : undefined;
+  });
 }
 
 async function main(configPath: string): Promise<void> {

@@ -1,6 +1,14 @@
 // Creates the LanguageClient: server command, document selector and middleware.
 import * as vscode from 'vscode';
-import { LanguageClient, TransportKind, type LanguageClientOptions, type Middleware, type ServerOptions } from 'vscode-languageclient/node';
+import {
+  LanguageClient,
+  type ClientCapabilities,
+  type FeatureState,
+  type LanguageClientOptions,
+  type Middleware,
+  type ServerOptions,
+  type StaticFeature,
+} from 'vscode-languageclient/node';
 import { completionIdOf } from './completion';
 import { Methods, ServerCommands, type DidShowCompletionParams } from './protocol';
 import { buildServerCommand } from './serverCommand';
@@ -17,7 +25,8 @@ export interface ClientHooks {
 
 export function createLanguageClient(hooks: ClientHooks, output: vscode.LogOutputChannel): LanguageClient {
   const line = buildServerCommand(hooks.settings());
-  const serverOptions: ServerOptions = { command: line.command, args: line.args, transport: TransportKind.stdio };
+  // stdio without `transport`: TransportKind.stdio would append a `--stdio` flag to the command.
+  const serverOptions: ServerOptions = { command: line.command, args: line.args };
   const clientOptions: LanguageClientOptions = {
     documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
     initializationOptions: () => hooks.settings().initializationOptions,
@@ -25,8 +34,23 @@ export function createLanguageClient(hooks: ClientHooks, output: vscode.LogOutpu
     middleware: middleware(hooks, () => client),
   };
   const client = new LanguageClient('codellama', 'Code Llama', serverOptions, clientOptions);
+  client.registerFeature(explainResultFeature);
   return client;
 }
+
+/**
+ * Announces `experimental.codellama.explainResult`: the server then answers `codellama.explain`
+ * with the Markdown instead of opening a file through `window/showDocument`; we preview it.
+ */
+const explainResultFeature: StaticFeature = {
+  fillClientCapabilities(capabilities: ClientCapabilities): void {
+    const experimental = (capabilities.experimental ?? {}) as Record<string, unknown>;
+    capabilities.experimental = { ...experimental, codellama: { explainResult: true } };
+  },
+  initialize: () => undefined,
+  getState: (): FeatureState => ({ kind: 'static' }),
+  clear: () => undefined,
+};
 
 function middleware(hooks: ClientHooks, client: () => LanguageClient): Middleware {
   return {

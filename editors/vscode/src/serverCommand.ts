@@ -9,9 +9,13 @@ export interface ServerCommandLine {
 /** Command-line flags of `codellama-lsp serve`, by the setting that fills them. */
 const FLAGS: readonly (readonly [string, string])[] = [
   ['model.ckptDir', '--ckpt-dir'],
-  ['actions.instructCkptDir', '--instruct-ckpt-dir'],
+  ['model.tokenizerPath', '--tokenizer-path'],
   ['model.nproc', '--nproc'],
   ['model.device', '--device'],
+  ['model.dtype', '--dtype'],
+  ['model.maxSeqLen', '--max-seq-len'],
+  ['model.maxBatchSize', '--max-batch-size'],
+  ['actions.instructCkptDir', '--instruct-ckpt-dir'],
 ];
 
 /**

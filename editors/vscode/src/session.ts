@@ -72,8 +72,7 @@ export class ServerSession implements vscode.Disposable {
   private reportStartFailure(error: unknown): void {
     const message = `The language server did not start (${describeCommand(buildServerCommand(this.settings))}): ${String(error)}`;
     this.statusBar.setStatus({ state: 'error', message });
-    this.output.error(message);
-    void vscode.window.showErrorMessage(`Code Llama: ${message}`, 'Show Log').then((pick) => pick && this.output.show());
+    this.output.error(message); // the language client has already shown a notification
   }
 
   async stop(): Promise<void> {

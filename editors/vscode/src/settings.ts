@@ -167,11 +167,18 @@ function checkNumber(kind: Extract<Kind, { type: 'number' }>, raw: unknown): Che
 
 const show = (raw: unknown): string => JSON.stringify(raw) ?? String(raw);
 
-/** True when going from `before` to `after` needs a new server process. */
+/**
+ * True when going from `before` to `after` needs a new server process: a model path or the
+ * command changed, or a server setting was cleared (the server keeps values it was sent, so only
+ * a fresh start brings its default back).
+ */
 export function needsRestart(before: Settings, after: Settings): boolean {
-  return SETTINGS.some(
-    (spec) => spec.restart === true && JSON.stringify(before.values.get(spec.key)) !== JSON.stringify(after.values.get(spec.key)),
-  );
+  return SETTINGS.some((spec) => {
+    const old = before.values.get(spec.key);
+    const now = after.values.get(spec.key);
+    const cleared = spec.target === 'server' && old !== undefined && now === undefined;
+    return cleared || (spec.restart === true && JSON.stringify(old) !== JSON.stringify(now));
+  });
 }
 
 /** Whether inline completions are wanted for a document of this language. */

@@ -38,6 +38,9 @@ export function startServer(settings: Settings): ServerProcess {
   connection.onRequest('workspace/configuration', (params: { items: unknown[] }) => params.items.map(() => settings.initializationOptions));
   connection.onRequest('window/workDoneProgress/create', () => null);
   connection.onRequest('client/registerCapability', () => null);
+  connection.onRequest('window/showDocument', () => ({ success: true }));
+  connection.onNotification('window/showMessage', () => undefined);
+  connection.onNotification('window/logMessage', () => undefined);
   connection.listen();
 
   const waitForState = (state: Status['state'], timeoutMs: number): Promise<Status> =>
@@ -107,4 +110,5 @@ export const CLIENT_CAPABILITIES = {
     codeAction: { codeActionLiteralSupport: { codeActionKind: { valueSet: ['', 'quickfix', 'refactor', 'refactor.rewrite', 'source'] } }, resolveSupport: { properties: ['edit'] } },
   },
   window: { workDoneProgress: true, showDocument: { support: true } },
+  experimental: { codellama: { explainResult: true } },
 };

@@ -12,7 +12,10 @@ describe('buildServerCommand', () => {
 
   it('adds the model flags of the wire contract when set', () => {
     const line = buildServerCommand(settings({ 'model.ckptDir': '/m/7b', 'actions.instructCkptDir': '/m/7b-i', 'model.nproc': 2, 'model.device': 'cuda', 'model.dtype': 'bfloat16' }));
-    assert.deepEqual(line, { command: 'codellama-lsp', args: ['serve', '--ckpt-dir', '/m/7b', '--instruct-ckpt-dir', '/m/7b-i', '--nproc', '2', '--device', 'cuda'] });
+    assert.deepEqual(line, {
+      command: 'codellama-lsp',
+      args: ['serve', '--ckpt-dir', '/m/7b', '--nproc', '2', '--device', 'cuda', '--dtype', 'bfloat16', '--instruct-ckpt-dir', '/m/7b-i'],
+    });
   });
 
   it('uses `PYTHON -m codellama_lsp serve` when a Python path is set', () => {

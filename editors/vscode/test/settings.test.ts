@@ -78,6 +78,9 @@ describe('needsRestart', () => {
     assert.equal(needsRestart(base, read({ 'model.ckptDir': '/a', 'actions.instructCkptDir': '/i', 'completion.temperature': 0.2 }).settings), true);
     assert.equal(needsRestart(base, read({ 'model.ckptDir': '/a', 'server.pythonPath': '/py', 'completion.temperature': 0.2 }).settings), true);
   });
+  it('is true when a server setting is cleared, so its default comes back', () => {
+    assert.equal(needsRestart(base, read({ 'model.ckptDir': '/a' }).settings), true);
+  });
   it('is false for settings the server takes live', () => {
     assert.equal(needsRestart(base, read({ 'model.ckptDir': '/a', 'completion.temperature': 0.7, 'server.logLevel': 'debug', enable: false }).settings), false);
   });

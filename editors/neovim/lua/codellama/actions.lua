@@ -37,7 +37,7 @@ function M.show_markdown(markdown)
   return bufnr, winnr
 end
 
---- The text of a command result: a Markdown string, MarkupContent or { markdown = ... }.
+--- The Markdown of a command result: `{ markdown = ... }`, MarkupContent or a string.
 ---@param result any
 ---@return string?
 local function markdown_of(result)
@@ -45,25 +45,26 @@ local function markdown_of(result)
     return result
   end
   if type(result) == "table" then
-    return result.value or result.markdown or result.text
+    local text = result.markdown or result.value
+    return type(text) == "string" and text or nil
   end
   return nil
 end
 
---- workspace/executeCommand results of the client (handler in the client config).
+--- workspace/executeCommand results of the client (handler in the client config). Explain's
+--- Markdown opens in a float; edits arrive separately as workspace/applyEdit, refusals as a
+--- message from the server.
 function M.on_command_result(err, result, ctx)
+  local command = ctx and ctx.params and ctx.params.command or "command"
   if err then
     if err.code ~= -32800 then
-      util.error(("%s failed: %s"):format(ctx.params and ctx.params.command or "command", err.message))
+      util.error(("%s failed: %s"):format(command, err.message))
     end
     return
   end
-  local command = ctx.params and ctx.params.command
   local text = markdown_of(result)
-  if command == M.COMMANDS.explain and text then
+  if command == M.COMMANDS.explain and text and text ~= "" then
     M.show_markdown(text)
-  elseif text and text ~= "" and command ~= "codellama.acceptCompletion" then
-    util.notify(text)
   end
 end
 

@@ -37,8 +37,20 @@ local REQUEST_CANCELLED, CONTENT_MODIFIED = -32800, -32801
 ---@type table<integer, codellama.BufState>
 local buffers = {}
 
--- What happened, for tests and :Codellama stats: requests sent, replies drawn and dropped.
+-- What happened, for tests and debugging: requests sent, candidates drawn, replies dropped.
 M.log = { requests = {}, renders = {}, stale = 0, accepted = 0 }
+local LOG_MAX = 1000
+
+---@param list table[]
+---@param entry table
+local function append(list, entry)
+  if #list >= LOG_MAX then
+    for _ = 1, LOG_MAX / 2 do
+      table.remove(list, 1)
+    end
+  end
+  list[#list + 1] = entry
+end
 
 local function now_ms()
   return util.uv.hrtime() / 1e6
@@ -238,7 +250,7 @@ local function render(bufnr)
   end
   local row, col = util.cursor(bufnr)
   ghost.show(bufnr, { row = row, col = col, lines = display_lines(rest) }, config.options.ghost_text.hl_group)
-  M.log.renders[#M.log.renders + 1] = { gen = s.item_gen, index = s.index, text = rest.text, row = row, col = col }
+  append(M.log.renders, { gen = s.item_gen, index = s.index, text = rest.text, row = row, col = col })
   local id = item.completion_id
   local client = M.client(bufnr)
   if id ~= nil and not s.shown[id] and client then
@@ -308,7 +320,7 @@ function M.request(bufnr, trigger_kind)
   if ok and id then
     entry.id = id
     s.request = { client_id = client.id, id = id, gen = gen }
-    M.log.requests[#M.log.requests + 1] = entry
+    append(M.log.requests, entry)
   end
 end
 

@@ -6,10 +6,11 @@ local M = {}
 
 local api = vim.api
 
+--- Put keys at the front of the typeahead (keys typed after this one come after them).
 ---@param keys string
----@param mode string feedkeys mode
+---@param mode string "n" (no remapping) or "m"
 local function feed(keys, mode)
-  api.nvim_feedkeys(api.nvim_replace_termcodes(keys, true, false, true), mode, false)
+  api.nvim_feedkeys(api.nvim_replace_termcodes(keys, true, false, true), mode .. "i", false)
 end
 
 --- What the key did before this plugin mapped it.

@@ -73,6 +73,9 @@ local function capabilities()
   local caps = vim.lsp.protocol.make_client_capabilities()
   caps.textDocument = caps.textDocument or {}
   caps.textDocument.inlineCompletion = caps.textDocument.inlineCompletion or { dynamicRegistration = false }
+  -- Explain's Markdown comes back as the command's result (shown in a float), rather than as a
+  -- file the server asks the editor to open.
+  caps.experimental = vim.tbl_extend("force", caps.experimental or {}, { codellama = { explainResult = true } })
   return caps
 end
 

@@ -1,0 +1,213 @@
+"""End to end through the language server over stdio: a replayed typing session.
+
+An editor's view: start `python -m codellama_lsp serve`, open a real source file cut to about
+2,000 tokens, then retype one line of it keystroke by keystroke. Each keystroke sends didChange
+and an automatic inlineCompletion at the cursor and waits for the answer (debounce excluded: the
+client sends at once and the server's debounceMs is 0). Reported: latency p50/p95 over the
+keystrokes (the first, cold one apart) and the share of answers that stayed on one line.
+
+    python bench/bench_lsp.py --ckpt-dir /tmp/bench/7b --json results.json
+    python bench/bench_lsp.py --tiny --ckpt-dir /tmp/bench/tiny --device cpu    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from common import REPO, Results, base_parser
+
+from codellama_lsp.model.tokenizer import Tokenizer
+
+URI = "file:///bench/replay.py"
+
+
+def parse() -> argparse.Namespace:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--ckpt-dir", type=Path, required=True)
+    parser.add_argument("--source", type=Path, default=REPO / "codellama_lsp/model/engine.py")
+    parser.add_argument("--context-tokens", type=int, default=2000)
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--server-log", type=Path, default=Path("lsp_server.log"))
+    return parser.parse_args()
+
+
+class Client:
+    """A minimal LSP client over the server's stdin/stdout (Content-Length framing)."""
+
+    def __init__(self, command: list[str], log: Path) -> None:
+        with log.open("wb") as stderr:  # the server's request log: which answers were cached
+            self.proc = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
+            )
+        self.next_id, self.status = 0, ""
+
+    def notify(self, method: str, params: Any) -> None:
+        self._send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def request(self, method: str, params: Any, timeout_s: float = 120.0) -> dict[str, Any]:
+        self.next_id += 1
+        self._send({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            message = self._read()
+            if message.get("id") == self.next_id and "method" not in message:
+                return message
+            self._handle(message)
+        raise TimeoutError(f"no answer to {method} within {timeout_s:.0f} s")
+
+    def wait_ready(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while self.status not in ("ready", "error") and time.monotonic() < deadline:
+            self._handle(self._read())
+        return self.status
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        if message.get("method") == "codellama/status":
+            self.status = str(message.get("params", {}).get("state", ""))
+        elif "method" in message and "id" in message:  # server->client request: answer it
+            result: Any = [] if message["method"] == "workspace/configuration" else None
+            self._send({"jsonrpc": "2.0", "id": message["id"], "result": result})
+
+    def _send(self, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
+        stdin = _pipe(self.proc.stdin)
+        stdin.write(f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        stdin.flush()
+
+    def _read(self) -> dict[str, Any]:
+        stdout, length = _pipe(self.proc.stdout), 0
+        while (line := stdout.readline()) not in (b"\r\n", b"\n"):
+            if not line:
+                raise ConnectionError("the server closed its output")
+            name, _, value = line.decode().partition(":")
+            length = int(value) if name.lower() == "content-length" else length
+        message: dict[str, Any] = json.loads(stdout.read(length))
+        return message
+
+
+def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
+    if stream is None:
+        raise ConnectionError("the server's pipes are closed")
+    return stream
+
+
+def cut_document(source: str, tokenizer: Tokenizer, budget: int) -> tuple[list[str], int]:
+    """The file's first lines holding about `budget` tokens, and the line to retype (at 3/4)."""
+    lines, total = [], 0
+    for line in source.splitlines():
+        total += len(tokenizer.encode(line + "\n", bos=False, eos=False))
+        lines.append(line)
+        if total >= budget:
+            break
+    target = next(i for i in range(len(lines) * 3 // 4, len(lines)) if lines[i].strip())
+    return lines, target
+
+
+def keystrokes(lines: list[str], target: int) -> list[tuple[str, dict[str, int]]]:
+    """(document text, cursor) after each keystroke of retyping line `target`."""
+    line = lines[target]
+    indent = len(line) - len(line.lstrip())
+    out = []
+    for end in range(indent + 1, len(line) + 1):
+        text = "\n".join([*lines[:target], line[:end], *lines[target + 1 :]]) + "\n"
+        out.append((text, {"line": target, "character": end}))
+    return out
+
+
+def replay(client: Client, strokes: list[tuple[str, dict[str, int]]]) -> list[tuple[float, str]]:
+    """Latency (s) and first item's text of each keystroke's inline completion."""
+    doc = {"uri": URI, "languageId": "python", "version": 1, "text": strokes[0][0]}
+    client.notify("textDocument/didOpen", {"textDocument": doc})
+    out = []
+    for version, (text, cursor) in enumerate(strokes, start=2):
+        ident = {"uri": URI, "version": version}
+        client.notify(
+            "textDocument/didChange", {"textDocument": ident, "contentChanges": [{"text": text}]}
+        )
+        params = {"textDocument": {"uri": URI}, "position": cursor, "context": {"triggerKind": 2}}
+        start = time.perf_counter()
+        answer = client.request("textDocument/inlineCompletion", params)
+        items = (answer.get("result") or {}).get("items") or [{}]
+        out.append((time.perf_counter() - start, str(items[0].get("insertText", ""))))
+    return out
+
+
+def server_command(run: argparse.Namespace) -> list[str]:
+    command = [sys.executable, "-m", "codellama_lsp", "serve", "--ckpt-dir", str(run.ckpt_dir)]
+    command += ["--device", run.device, "--dtype", "float32" if run.tiny else "bfloat16"]
+    settings = {"completion": {"debounceMs": 0}, "model": {"maxSeqLen": 4096, "maxBatchSize": 4}}
+    return [*command, "--settings", json.dumps(settings)]
+
+
+def session(run: argparse.Namespace, out: Results) -> None:
+    lines, target = cut_document(
+        run.source.read_text(), Tokenizer(run.ckpt_dir / "tokenizer.model"), run.context_tokens
+    )
+    client = Client(server_command(run), run.server_log)
+    try:
+        client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {}})
+        client.notify("initialized", {})
+        start = time.perf_counter()
+        state = client.wait_ready(run.ready_timeout)
+        out.add("lsp_ready", time.perf_counter() - start, "s", None, f"status {state}")
+        answers = replay(client, keystrokes(lines, target))
+        client.request("shutdown", None)
+        client.notify("exit", None)
+    finally:
+        if client.proc.poll() is None:
+            client.proc.terminate()
+        client.proc.wait(timeout=60)
+    report(answers, server_outcomes(run.server_log), out)
+
+
+def server_outcomes(log: Path) -> list[str]:
+    """Each completion's outcome ("model", "cache", ...) from the server's request log lines."""
+    outcomes = []
+    for line in log.read_text(errors="replace").splitlines():
+        _, marker, payload = line.partition("codellama_lsp.requests: request ")
+        if marker and '"kind":"completion"' in payload:
+            outcomes.append(str(json.loads(payload).get("outcome", "?")))
+    return outcomes
+
+
+def report(answers: list[tuple[float, str]], outcomes: list[str], out: Results) -> None:
+    """p50/p95 of the keystrokes the model answered (the server's answer cache apart)."""
+    known = len(outcomes) == len(answers)
+    model = (
+        [a for a, o in zip(answers, outcomes, strict=True) if o == "model"] if known else answers
+    )
+    warm = sorted(seconds for seconds, _ in model[1:])
+    one_line = sum("\n" not in text.strip("\n") for _, text in answers)
+    note = f"{len(warm)} model-answered keystrokes after the first; {one_line}/{len(answers)} "
+    note += "one-line answers; " + (
+        f"{outcomes.count('cache')} answered from the server's cache"
+        if known
+        else "outcomes unknown (no request log)"
+    )
+    out.add("lsp_inline_cold_first", answers[0][0] * 1e3, "ms")
+    out.add("lsp_inline_p50", statistics.median(warm) * 1e3, "ms", None, note)
+    p95 = warm[min(len(warm) - 1, int(0.95 * len(warm)))]
+    out.add("lsp_inline_p95", p95 * 1e3, "ms", None, note)
+
+
+def main() -> None:
+    run = parse()
+    import torch
+
+    out = Results(torch.device(run.device), run.json)
+    if not (REPO / "codellama_lsp" / "lsp" / "server.py").is_file():
+        print("bench_lsp: the language server (codellama_lsp/lsp/server.py) does not exist yet")
+        return
+    session(run, out)
+    out.finish()
+
+
+if __name__ == "__main__":
+    main()

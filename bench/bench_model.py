@@ -1,0 +1,251 @@
+"""The model on one device: load, prefill, decode (eager, graphed, the reference loop), reuse.
+
+Every figure is stated against the ceilings measured at the start of the same run:
+- prefill: compute floor = (2 x matmul params x T + 2 x layers x dim x T^2 causal attention)
+  flops / the measured bf16 matrix-product rate;
+- decode: bandwidth floor = (every weight but the embedding table, plus the attended K/V) bytes
+  per step / the measured copy rate (read + written).
+
+    python bench/bench_model.py --model 7b --json results.json [--quick] [--drop-caches]
+    python bench/bench_model.py --tiny                       # CPU smoke test (< 1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import ceilings
+import decode_loops as loops
+import engine_bench
+import profile_step
+import torch
+from common import Results, base_parser, find_tokenizer, median_time, wall
+from decode_loops import Step
+from plan import Plan, make_plan
+from random_weights import kv_bytes_per_token, weight_bytes, write_checkpoint
+
+from codellama_lsp.model import parallel
+from codellama_lsp.model.checkpoint import find_checkpoint, load_model
+from codellama_lsp.model.cuda_graphs import GraphedDecoder
+from codellama_lsp.model.generation import generate
+from codellama_lsp.model.kv_cache import KVCache
+from codellama_lsp.model.transformer import Transformer
+from codellama_lsp.model.types import SamplingParams
+
+
+def parse() -> argparse.Namespace:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--model", default="7b", choices=["7b", "13b", "tiny"])
+    parser.add_argument("--quick", action="store_true", help="fewer decode steps")
+    parser.add_argument("--ckpt-root", type=Path, default=Path(tempfile.gettempdir()) / "bench")
+    parser.add_argument("--tokenizer", type=Path, default=None)
+    parser.add_argument("--drop-caches", action="store_true", help="also time a cold-cache load")
+    parser.add_argument("--compile", default=None, help="also time torch.compile(mode=...)")
+    parser.add_argument("--profile", action="store_true", help="kernel table of a decode step")
+    parser.add_argument("--batches", default=None, help="decode batches, e.g. 1,16")
+    parser.add_argument("--exact-batches", default=None, help="greedy-agreement batches")
+    parser.add_argument("--skip", default="", help="comma list: prefill,decode,engine")
+    return parser.parse_args()
+
+
+# -- load ------------------------------------------------------------------------------------------
+def section_load(run: argparse.Namespace, plan: Plan, device: torch.device, out: Results):
+    tokenizer = find_tokenizer(run.tokenizer)
+    directory = run.ckpt_root / plan.shape
+    seconds = wall(lambda: write_checkpoint(directory, plan.shape, tokenizer, device), device)
+    out.add(f"checkpoint_write_{plan.shape}", seconds, "s", note="random weights, Meta layout")
+    gb = find_checkpoint(directory).total_bytes / 1e9
+    if run.drop_caches:
+        _timed_load(directory, plan, device, out, gb, "cold" if _drop_page_cache() else "warm?")
+    return _timed_load(directory, plan, device, out, gb, "page-cache")
+
+
+def _timed_load(
+    directory: Path, plan: Plan, device: torch.device, out: Results, gb: float, how: str
+) -> Transformer:
+    box: list[Transformer] = []
+
+    def load() -> None:
+        box.append(load_model(directory, device=device, dtype=plan.dtype)[0])
+
+    seconds = wall(load, device)
+    note = f"{gb:.2f} GB in {seconds:.1f} s"
+    out.add(f"load_{plan.shape}_{how}", gb / seconds, "GB/s", note=note)
+    return box[0]
+
+
+def _drop_page_cache() -> bool:
+    # Root on the device machine: the page cache is the OS's, not the card's settings.
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+# -- prefill ---------------------------------------------------------------------------------------
+def linear_params(plan: Plan) -> int:
+    return weight_bytes(plan.args)["matmul"] // 2
+
+
+def section_prefill(
+    model: Transformer, plan: Plan, device: torch.device, flops: float, out: Results
+) -> None:
+    for t in plan.prefill_lengths:
+        seconds = _time_prefill(model, t, device)
+        a = plan.args
+        floor = (2 * t * linear_params(plan) + 2 * a.n_layers * a.dim * t * t) / flops
+        note = f"{t / seconds:.0f} tok/s; floor {floor * 1e3:.1f} ms"
+        out.add(f"prefill_{plan.shape}_{t}", seconds * 1e3, "ms", 100 * floor / seconds, note)
+        _free(device)
+
+
+@torch.inference_mode()
+def _time_prefill(model: Transformer, t: int, device: torch.device) -> float:
+    """Median seconds of one forward of `t` tokens from position 0 (logits of every position)."""
+    cache = model.new_cache(1, t)
+    tokens = torch.randint(3, 32000, (1, t), device=device)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    return median_time(
+        lambda: model(tokens, zero, cache, zero, kv_len=t), device, 3 if t <= 4096 else 1
+    )
+
+
+# -- decode ----------------------------------------------------------------------------------------
+def decode_floor_tok_s(plan: Plan, batch: int, kv_len: float, copy_rate: float) -> float:
+    """Tokens/s if every step read its bytes (weights but embeddings, attended K/V) at copy rate."""
+    step_bytes = weight_bytes(plan.args)["matmul"] + batch * kv_len * kv_bytes_per_token(plan.args)
+    return batch * copy_rate / step_bytes
+
+
+def section_decode(
+    model: Transformer,
+    plan: Plan,
+    device: torch.device,
+    copy_rate: float,
+    out: Results,
+    run: argparse.Namespace,
+) -> dict[int, tuple[float, float]]:
+    """Decode tok/s eager beside the fast path; greedy agreement; the plain loop; extras."""
+    length = plan.decode_ctx + max(plan.decode_steps, plan.exact_steps) + 1
+    cache = model.new_cache(plan.max_batch, length)
+    decoder = GraphedDecoder(model, cache, mode="graphs" if device.type == "cuda" else "padded")
+    n_graphs = decoder.capture(max_kv_len=cache.max_seq_len)  # before the cache holds prompts
+    out.add("graphs_captured", n_graphs, "graphs", note=f"mode {decoder.mode}")
+    prompts = torch.randint(3, 32000, (plan.max_batch, plan.decode_ctx), device=device)
+    first = loops.prefill(model, cache, prompts)
+    eager = loops.eager_step(model, cache)
+    step_s = {}
+    for b in plan.decode_batches:
+        pair = (("eager", eager), (decoder.mode, decoder.decode))
+        step_s[b] = _decode_pair(plan, b, pair, first, copy_rate, out)
+    padded = GraphedDecoder(model, cache, mode="padded").decode
+    for b in plan.exact_batches:
+        _agreement(plan, b, ("eager", eager), (decoder.mode, decoder.decode), first, out)
+        if decoder.mode == "graphs":  # same shapes, same kernels: must be bitwise equal
+            _agreement(plan, b, ("padded", padded), ("graphs", decoder.decode), first, out)
+    _reference_loop(model, cache, plan, prompts, copy_rate, out)
+    if run.profile:
+        profile_step.run(padded, first, plan.decode_ctx, out, plan.shape)
+    if run.compile:
+        _compiled(model, cache, plan, first, run.compile, copy_rate, out)
+    return step_s
+
+
+def _decode_pair(plan, b, pair, first, copy_rate, out: Results) -> tuple[float, float]:
+    kv = plan.decode_ctx + plan.decode_steps / 2
+    floor = decode_floor_tok_s(plan, b, kv, copy_rate)
+    times = []
+    for name, step in pair:
+        loops.decode(step, first[:b], plan.decode_ctx, 2)  # warm-up
+        run = loops.decode(step, first[:b], plan.decode_ctx, plan.decode_steps)
+        tok_s = b * plan.decode_steps / run.seconds
+        times.append(run.seconds / plan.decode_steps)
+        note = f"{times[-1] * 1e3:.2f} ms/step; ctx {plan.decode_ctx}"
+        if name != "eager":
+            note += f"; {times[0] / times[1]:.2f}x eager"
+        out.add(f"decode_{plan.shape}_b{b}_{name}", tok_s, "tok/s", 100 * tok_s / floor, note)
+    return times[0], times[1]
+
+
+def _agreement(
+    plan: Plan,
+    b: int,
+    ref: tuple[str, Step],
+    fast: tuple[str, Step],
+    first: torch.Tensor,
+    out: Results,
+) -> None:
+    r = loops.decode(ref[1], first[:b], plan.decode_ctx, plan.exact_steps, keep=True)
+    f = loops.decode(fast[1], first[:b], plan.decode_ctx, plan.exact_steps, keep=True)
+    agreement = loops.compare(r, f)
+    value = 100 * (agreement.rows_equal + agreement.ties) / agreement.rows
+    note = f"{plan.exact_steps} greedy steps: {agreement.summary()}"
+    out.add(f"greedy_{fast[0]}_vs_{ref[0]}_{plan.shape}_b{b}", value, "% rows", None, note)
+
+
+def _reference_loop(
+    model: Transformer, cache: KVCache, plan: Plan, prompts: torch.Tensor, copy: float, out: Results
+) -> None:
+    """`generation.generate`, the plain loop (host sync per step): per-step time by difference."""
+    for b in (1, plan.max_batch):
+        rows = prompts[:b].tolist()
+        n1, n2 = 4, 4 + plan.decode_steps
+        t1, t2 = (_time_generate(model, cache, rows, n) for n in (n1, n2))
+        tok_s = b * (n2 - n1) / (t2 - t1)
+        floor = decode_floor_tok_s(plan, b, plan.decode_ctx + n2 / 2, copy)
+        note = f"{(t2 - t1) / (n2 - n1) * 1e3:.2f} ms/step; generation.generate"
+        name = f"decode_{plan.shape}_b{b}_reference_loop"
+        out.add(name, tok_s, "tok/s", 100 * tok_s / floor, note)
+
+
+def _time_generate(model: Transformer, cache: KVCache, rows: list[list[int]], n: int) -> float:
+    return median_time(lambda: generate(model, cache, rows, SamplingParams(n)), cache.device, 1)
+
+
+def _compiled(model, cache, plan: Plan, first, compile_mode: str, copy_rate: float, out) -> None:
+    decoder = GraphedDecoder(model, cache, compile_mode=compile_mode)
+    seconds = wall(
+        lambda: loops.decode(decoder.decode, first[:1], plan.decode_ctx, 2), cache.device
+    )
+    out.add(f"compile_{compile_mode}_first_steps", seconds, "s", note="compile + capture, b1")
+    run = loops.decode(decoder.decode, first[:1], plan.decode_ctx, plan.decode_steps)
+    tok_s = plan.decode_steps / run.seconds
+    floor = decode_floor_tok_s(plan, 1, plan.decode_ctx + plan.decode_steps / 2, copy_rate)
+    out.add(f"decode_{plan.shape}_b1_compile_{compile_mode}", tok_s, "tok/s", 100 * tok_s / floor)
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- main ------------------------------------------------------------------------------------------
+def main() -> None:
+    run = parse()
+    shape = "tiny" if run.tiny else run.model
+    device = torch.device(run.device)
+    plan = make_plan(shape, run.quick, run.batches, run.exact_batches)
+    parallel.init_single_process()
+    torch.manual_seed(0)
+    out = Results(device, run.json)
+    limits = ceilings.measure(device, tiny=shape == "tiny")
+    ceilings.record(out, limits, shape == "tiny")
+    model = section_load(run, plan, device, out)
+    skip = set(run.skip.split(","))
+    if "prefill" not in skip:
+        section_prefill(model, plan, device, limits.matmul_flops_per_s, out)
+    steps = {}
+    if "decode" not in skip:
+        steps = section_decode(model, plan, device, limits.copy_bytes_per_s, out, run)
+    if "engine" not in skip:
+        engine_bench.run(model, plan, device, steps.get(1), out)
+    out.finish()
+
+
+if __name__ == "__main__":
+    main()

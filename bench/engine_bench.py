@@ -1,0 +1,108 @@
+"""The continuous-batching engine in-process: prefix-reuse time to first token, and aggregate
+decode throughput as the engine stands (eager) beside the proposed fast path (`FastEngine`)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from common import Results, sync
+from plan import Plan
+
+from codellama_lsp.model.cuda_graphs import GraphedDecoder
+from codellama_lsp.model.engine import Engine
+from codellama_lsp.model.transformer import Transformer
+from codellama_lsp.model.types import EngineRequest, Event, FinishEvent, SamplingParams, TokenEvent
+
+
+class FastEngine(Engine):
+    """The engine with its decode forward through GraphedDecoder: the proposed one-line change."""
+
+    def __init__(self, model: Transformer, **kwargs: object) -> None:
+        super().__init__(model, **kwargs)  # type: ignore[arg-type]
+        self.decoder = GraphedDecoder(model, self.cache)
+        self.decoder.capture(max_kv_len=self.max_seq_len)  # at start: the cache holds nothing
+
+    def _decode_forward(self, rows):  # type: ignore[no-untyped-def]
+        tokens = self._tensor([[run.pending] for run in rows])
+        start_pos = self._tensor([run.position for run in rows])
+        slots = self._tensor([run.slot.index for run in rows])
+        kv_len = max(run.position for run in rows) + 1
+        return self.decoder.decode(tokens, start_pos, slots, kv_len)
+
+
+def run(model: Transformer, plan: Plan, device: torch.device, step_s, out: Results) -> None:
+    """`step_s`: (eager, graphed) seconds per decode step at batch 1, from the decode section."""
+    prefix_reuse(model, plan, device, step_s, out)
+    for cls in (Engine, FastEngine):
+        aggregate(cls, model, plan, device, out)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _ttft(engine: Engine, request: EngineRequest, device: torch.device) -> tuple[float, int]:
+    """Seconds from add() to the first token; the prompt tokens reused from the cache."""
+    sync(device)
+    start, first, cached = time.perf_counter(), None, -1
+    engine.add(request)
+    while engine.has_work():
+        for event in engine.step():
+            if isinstance(event, TokenEvent) and first is None:
+                first = time.perf_counter() - start
+            if isinstance(event, FinishEvent):
+                cached = event.cached_tokens
+    assert first is not None, "the request produced no token"
+    return first, cached
+
+
+def prefix_reuse(model: Transformer, plan: Plan, device: torch.device, step_s, out) -> None:
+    engine = Engine(model, max_batch_size=2, max_seq_len=plan.reuse_prompt + 64, device=device)
+    doc = torch.randint(3, 32000, (plan.reuse_prompt + 16,)).tolist()
+    one = SamplingParams(max_gen_len=1)
+    _ttft(engine, EngineRequest("warm-up", tuple(doc[:64]), one), device)
+    cold, _ = _ttft(engine, EngineRequest("cold", tuple(doc[: plan.reuse_prompt]), one), device)
+    out.add(f"ttft_cold_{plan.shape}_{plan.reuse_prompt}", cold * 1e3, "ms", note="engine, eager")
+    warm, cached = [], 0
+    for i in range(1, 4):  # three keystrokes, each adding a few tokens to the same document
+        n = plan.reuse_prompt + i * plan.reuse_tail
+        seconds, cached = _ttft(engine, EngineRequest(f"warm{i}", tuple(doc[:n]), one), device)
+        warm.append(seconds)
+    note = f"cached {cached} tokens; {cold / statistics.median(warm):.1f}x faster than cold"
+    if step_s:
+        note += f"; = {statistics.median(warm) / step_s[0]:.1f} eager / "
+        note += f"{statistics.median(warm) / step_s[1]:.1f} graphed decode steps"
+    out.add(
+        f"ttft_reuse_{plan.shape}_+{plan.reuse_tail}",
+        statistics.median(warm) * 1e3,
+        "ms",
+        None,
+        note,
+    )
+
+
+def aggregate(cls: type[Engine], model: Transformer, plan: Plan, device: torch.device, out) -> None:
+    """`max_batch` requests at once; tokens/s of the decode steps after they were all admitted."""
+    b = plan.max_batch
+    seq = plan.decode_ctx + plan.engine_gen + 8
+    engine = cls(model, max_batch_size=b, max_seq_len=seq, device=device)
+    for i in range(b):
+        prompt = tuple(torch.randint(3, 32000, (plan.decode_ctx,)).tolist())
+        engine.add(EngineRequest(f"r{i}", prompt, SamplingParams(max_gen_len=plan.engine_gen)))
+    _drain(engine, 1)  # admission: every request prefilled
+    sync(device)
+    start = time.perf_counter()
+    tokens = _drain(engine, None)
+    seconds = time.perf_counter() - start
+    name = "eager" if cls is Engine else "graphs"
+    note = f"{b} requests, {plan.engine_gen} tokens each, host sync per step included"
+    out.add(f"engine_{plan.shape}_b{b}_{name}", tokens / seconds, "tok/s", None, note)
+
+
+def _drain(engine: Engine, steps: int | None) -> int:
+    tokens, done = 0, 0
+    while engine.has_work() and (steps is None or done < steps):
+        events: list[Event] = engine.step()
+        tokens += sum(isinstance(e, TokenEvent) for e in events)
+        done += 1
+    return tokens

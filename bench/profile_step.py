@@ -1,0 +1,31 @@
+"""Where a decode step's GPU time goes: the kernels of the padded eager step (the very kernels a
+graph replays), summed by name over a few steps, largest first."""
+
+from __future__ import annotations
+
+import torch
+from common import Results
+from decode_loops import Step, decode
+from torch.profiler import ProfilerActivity, profile
+
+STEPS = 4
+TOP = 15
+
+
+def run(step: Step, first: torch.Tensor, ctx: int, out: Results, shape: str) -> None:
+    """Profile `STEPS` steps at batch 1; print the top kernels; record kernels and ms per step."""
+    if first.device.type != "cuda":
+        return
+    decode(step, first[:1], ctx, 2)  # warm-up
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode(step, first[:1], ctx, STEPS)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in kernels) / STEPS
+    launches = sum(e.count for e in kernels) / STEPS
+    print(f"  {'kernel (per step)':<90} {'us':>9} {'calls':>6}")
+    for e in kernels[:TOP]:
+        us = e.self_device_time_total / STEPS
+        print(f"  {e.key[:90]:<90} {us:>9.1f} {e.count / STEPS:>6.0f}")
+    note = f"{launches:.0f} kernels per step, b1, ctx {ctx}"
+    out.add(f"profile_{shape}_b1_kernel_time", total_us / 1e3, "ms/step", None, note)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every benchmark in order, in one device call; records in $OUT/results.json, output in $OUT/log.
+#
+#   bash bench/run_all.sh --quick          # 7B only, fewer decode steps (about 5 minutes)
+#   bash bench/run_all.sh                  # 7B and 13B, full step counts
+#   bash bench/run_all.sh --tiny           # CPU smoke run of every script
+# Options: --models "7b 13b"  --compile MODE (also time torch.compile's decode step)
+#          --skip-tests  --skip-worker  --skip-lsp
+# On the device machine, first copy the tokenizer here: .bench-assets/codellama-tokenizer.model
+# (../shared does not travel), and carry [".whl", ".bench-assets"].
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log") 2>&1
+
+quick="" models="7b 13b" compile="" tiny="" tests=1 worker=1 lsp=1 limit=600
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick) quick="--quick"; models="7b"; limit=200 ;;
+    --tiny) tiny="--tiny"; models="tiny" ;;
+    --models) models=$2; shift ;;
+    --compile) compile="--compile $2"; shift ;;
+    --skip-tests) tests=0 ;;
+    --skip-worker) worker=0 ;;
+    --skip-lsp) lsp=0 ;;
+    *) echo "unknown option $1"; exit 2 ;;
+  esac
+  shift
+done
+
+if [ -d .whl ] && ! python3 -c 'import fairscale' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+RESULTS=$OUT/results.json
+CKPT=${CKPT_ROOT:-/tmp/bench}
+device=cuda; [ -n "$tiny" ] && device=cpu
+
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, keep going on failure
+  local limit=$1 name=$2; shift 2
+  echo "=== $name ($(date -u +%T))"
+  timeout "$limit" "$@" || echo "=== $name FAILED or timed out (exit $?)"
+}
+
+[ $tests = 1 ] && step 90 "GPU tests" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_cuda_graphs.py
+step 60 ceilings python3 bench/ceilings.py --device $device $tiny --json "$RESULTS"
+for m in $models; do
+  flag="--model $m"; [ "$m" = tiny ] && flag="--tiny"
+  # shellcheck disable=SC2086
+  step $limit "model $m" python3 bench/bench_model.py $flag $quick $compile --device $device \
+    --ckpt-root "$CKPT" --drop-caches --json "$RESULTS"
+done
+first=${models%% *}
+[ $worker = 1 ] && step $((limit / 2))  "worker $first" python3 bench/bench_worker.py $tiny \
+  --device $device --ckpt-dir "$CKPT/$first" --json "$RESULTS"
+[ $lsp = 1 ] && step $((limit / 2)) "lsp $first" python3 bench/bench_lsp.py $tiny --device $device \
+  --ckpt-dir "$CKPT/$first" --server-log "$OUT/lsp_server.log" --json "$RESULTS"
+echo "=== done ($(date -u +%T)); records in $RESULTS"
