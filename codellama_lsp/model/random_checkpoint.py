@@ -6,7 +6,6 @@ attention far from uniform), so that a wrong rotary layout, mask or shard shows 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +15,8 @@ from safetensors.torch import save_file
 
 from codellama_lsp.errors import CheckpointError
 from codellama_lsp.model.args import ModelArgs
+from codellama_lsp.model.checkpoint_checklist import md5_file
+from codellama_lsp.model.checkpoint_reshard import split_dim as fairscale_split_dim
 
 StateDict = dict[str, torch.Tensor]
 
@@ -33,21 +34,8 @@ TINY_ARGS = ModelArgs(
     rope_theta=1_000_000.0,
 )
 
-# fairscale's split dimension of each weight kind (None: replicated).
-_SPLIT_DIM: dict[str, int | None] = {
-    "tok_embeddings": 1,
-    "wq": 0,
-    "wk": 0,
-    "wv": 0,
-    "w1": 0,
-    "w3": 0,
-    "output": 0,
-    "wo": 1,
-    "w2": 1,
-    "attention_norm": None,
-    "ffn_norm": None,
-    "norm": None,
-}
+# Weights fairscale replicates on every rank; every other weight has a split dimension.
+_REPLICATED = frozenset({"attention_norm", "ffn_norm", "norm"})
 
 
 def random_state_dict(
@@ -84,10 +72,10 @@ def random_state_dict(
 
 def split_dim(name: str) -> int | None:
     """fairscale's split dimension of a weight with Meta's name (None when replicated)."""
-    kind = name.split(".")[-2]
-    if kind not in _SPLIT_DIM:
+    dim = fairscale_split_dim(name)
+    if dim is None and name.split(".")[-2] not in _REPLICATED:
         raise CheckpointError(f"unknown weight {name!r}")
-    return _SPLIT_DIM[kind]
+    return dim
 
 
 def shard_state_dict(full: StateDict, args: ModelArgs, world_size: int) -> list[StateDict]:
@@ -118,7 +106,7 @@ def write_meta_checkpoint(
     (directory / "params.json").write_text(json.dumps(args.to_json_dict()))
     shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
     names += ["params.json", "tokenizer.model"]
-    lines = [f"{_md5(directory / name)}  {name}\n" for name in names]
+    lines = [f"{md5_file(directory / name)}  {name}\n" for name in names]
     (directory / "checklist.chk").write_text("".join(lines))
     return directory
 
@@ -136,14 +124,6 @@ def write_random_checkpoint(
     full = random_state_dict(args, seed=seed, dtype=dtype)
     shards = shard_state_dict(full, args, model_parallel)
     return write_meta_checkpoint(directory, args, shards, tokenizer_path)
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- Hugging Face layout -------------------------------------------------------------------------
