@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the language server (stdio by default)")
     add_model_arguments(serve)
     add_server_arguments(serve)
+    serve.add_argument("--stdio", action="store_true", help="stdio transport (the default)")
 
     demo = sub.add_parser("demo", help="run everything on a tiny random-weight checkpoint")
     demo.add_argument("--cache-dir", default=None, help="where the demo checkpoint is written")

@@ -399,8 +399,8 @@ def _collect_section(
 
 
 # -- the command line --------------------------------------------------------------------------
-# (flags, section, field): CLI flags share the validators of the editor settings. Flags separated
-# by "|" are aliases (the reference's scripts say --tokenizer; --tokenizer-path matches the setting).
+# (flags, section, field): CLI flags share the validators of the editor settings. "a|b" are
+# aliases (the reference's scripts say --tokenizer; --tokenizer-path matches the setting's name).
 _MODEL_FLAGS = (
     ("--ckpt-dir", "model", "ckpt_dir"),
     ("--tokenizer|--tokenizer-path", "model", "tokenizer_path"),

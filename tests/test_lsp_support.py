@@ -96,6 +96,19 @@ class StatusLog:
 
         return await asyncio.wait_for(wait(), timeout)
 
+    async def wait_after(self, index: int, state: str, timeout: float = 60.0) -> Any:
+        """The first status `state` sent after the first `index` statuses."""
+
+        async def wait() -> Any:
+            while True:
+                for entry in self.states[index:]:
+                    if getattr(entry, "state", None) == state:
+                        return entry
+                self._changed.clear()
+                await self._changed.wait()
+
+        return await asyncio.wait_for(wait(), timeout)
+
 
 class EditLog:
     """The client side of workspace/applyEdit: records the edits and applies nothing."""
@@ -133,6 +146,7 @@ class Session:
         self.client, self.statuses, self.edits = client, statuses, edits
         self.result: t.InitializeResult | None = None
         self.profile = ""
+        self.shut_down = False  # a test sent shutdown and exit itself
 
     async def request(self, method: str, params: Any) -> Any:
         return await self.client.protocol.send_request_async(method, params)
@@ -186,7 +200,8 @@ async def running_server(
         if wait_ready:
             await statuses.wait_for("ready")
         yield session
-        await client.shutdown_session()
+        if not session.shut_down:
+            await client.shutdown_session()
     finally:
         await client.stop()
 

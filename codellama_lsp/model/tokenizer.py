@@ -5,6 +5,7 @@ No torch here: the language server holds the tokenizer, the GPU ranks only ever 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import sentencepiece as spm
@@ -143,7 +144,7 @@ class Tokenizer:
                 cuts.add(start + 1)
                 start = text.find(surface, start + 1)
         bounds = [0, *sorted(cuts), len(text)]
-        return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
     def _encode_per_character(self, segment: str, leading_space: bool) -> list[int]:
         out: list[int] = []

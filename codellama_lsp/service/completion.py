@@ -176,8 +176,10 @@ async def generate_step(
     finally:
         if finished is None:
             generator.cancel(request.request_id)
-            if trace is not None:
-                trace.worker_cancels += 1
+        # Stopped on the worker: by us just now, or by a newer request / a closed document.
+        stopped = finished is None or finished.reason == "cancelled"
+        if stopped and trace is not None:
+            trace.worker_cancels += 1
     if finished is not None and finished.reason == "error":
         raise WorkerError(finished.message or "the model failed on this request")
     reason: FinishReason = finished.reason if finished is not None else "stop"

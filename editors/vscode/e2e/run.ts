@@ -189,6 +189,7 @@ async function drive(config: E2EConfig, page: Page): Promise<E2EResult> {
   await status.click();
   await status.locator('.codicon-circle-slash').waitFor({ timeout: 10_000 });
   const toggledStatusText = (await status.textContent()) ?? '';
+  await until('didChangeConfiguration at the server', 20_000, () => tapSaw(config, '"method":"workspace/didChangeConfiguration"'));
   mark('toggled off');
   return { ghostText: ghost, textBeforeAccept, savedText, previewText: finalPreview, refactoredText, undoneText, statusText, toggledStatusText, timingsMs: timings };
 }

@@ -55,10 +55,13 @@ export function registerCommands(session: ServerSession, explainView: ExplainVie
   ];
 }
 
+/** Flips `codellama.enable` where it is set: the workspace when it overrides the user value. */
 async function toggle(): Promise<void> {
   const config = vscode.workspace.getConfiguration('codellama');
   const enable = !config.get<boolean>('enable', true);
-  await config.update('enable', enable, vscode.ConfigurationTarget.Global);
+  const inspected = config.inspect<boolean>('enable');
+  const target = inspected?.workspaceValue !== undefined ? vscode.ConfigurationTarget.Workspace : vscode.ConfigurationTarget.Global;
+  await config.update('enable', enable, target);
   if (!enable) {
     await vscode.commands.executeCommand('editor.action.inlineSuggest.hide');
   }

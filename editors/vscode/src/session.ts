@@ -24,6 +24,8 @@ export function loadSettings(output: vscode.LogOutputChannel): Settings {
 export class ServerSession implements vscode.Disposable {
   private client: LanguageClient | undefined;
   private acceptForwarder: vscode.Disposable | undefined;
+  /** Restarts and settings changes run one after another. */
+  private queue: Promise<void> = Promise.resolve();
   settings: Settings;
 
   constructor(
@@ -85,19 +87,32 @@ export class ServerSession implements vscode.Disposable {
     }
   }
 
-  async restart(): Promise<void> {
+  restart(): Promise<void> {
+    return this.enqueue(() => this.restartNow());
+  }
+
+  private async restartNow(): Promise<void> {
     await this.stop();
     this.statusBar.setStatus({ state: 'restarting', message: 'Restarting the language server…' });
     await this.start();
   }
 
+  private enqueue(task: () => Promise<void>): Promise<void> {
+    this.queue = this.queue.then(task, task);
+    return this.queue;
+  }
+
   /** Settings changed: restart when the process or model must change, else push them live. */
-  async onSettingsChanged(): Promise<void> {
+  onSettingsChanged(): Promise<void> {
+    return this.enqueue(() => this.applySettings());
+  }
+
+  private async applySettings(): Promise<void> {
     const before = this.settings;
     this.settings = loadSettings(this.output);
     this.statusBar.setEnabled(this.settings.enable);
     if (needsRestart(before, this.settings)) {
-      await this.restart();
+      await this.restartNow();
     } else if (this.client?.isRunning()) {
       await this.client.sendNotification(DidChangeConfigurationNotification.type, { settings: this.settings.initializationOptions });
     }
