@@ -19,6 +19,7 @@ from lsprotocol import types as t
 from pygls.exceptions import JsonRpcRequestCancelled
 from test_lsp_support import (
     PROFILES,
+    TEST_SETTINGS,
     Session,
     count,
     expected_texts,
@@ -198,20 +199,41 @@ async def test_client_cancellation_reaches_the_worker(session: Any) -> None:
     text = "class Stack:\n    def push(self, item):\n        \n"
     uri = fresh_uri(session)
     open_doc(session.client, uri, text)
-    before = await session.stats()
-    msg_id = f"cancel-me-{session.profile}"
-    future = session.client.protocol.send_request(
-        t.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(uri, 2, 8, invoked=True), msg_id=msg_id
-    )
-    await asyncio.sleep(0.15)  # let the generation start
-    session.client.protocol.notify(t.CANCEL_REQUEST, t.CancelParams(id=msg_id))
-    with pytest.raises(JsonRpcRequestCancelled):
-        await asyncio.wrap_future(future)
-    after = await session.stats()
+    # A long answer (random weights never end a block), so the cancel meets it mid-generation
+    # however fast this machine is.
+    set_completion(session, {"maxTokensMultiline": 400, "numCandidates": 1})
+    try:
+        before = await session.stats()
+        msg_id = f"cancel-me-{session.profile}"
+        future = session.client.protocol.send_request(
+            t.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(uri, 2, 8, invoked=True), msg_id=msg_id
+        )
+        await wait_until_generating(session)
+        session.client.protocol.notify(t.CANCEL_REQUEST, t.CancelParams(id=msg_id))
+        with pytest.raises(JsonRpcRequestCancelled):
+            await asyncio.wrap_future(future)
+        after = await session.stats()
+    finally:
+        set_completion(session, TEST_SETTINGS["completion"])
     assert count(after, "completion.cancelled") == count(before, "completion.cancelled") + 1
     stopped = "generation.stoppedOnWorker"
     assert count(after, stopped) > count(before, stopped)
     assert after["inFlight"] == 0
+
+
+def set_completion(session: Any, completion: dict[str, Any]) -> None:
+    settings = {"completion": completion}
+    session.client.workspace_did_change_configuration(
+        t.DidChangeConfigurationParams(settings=settings)
+    )
+
+
+async def wait_until_generating(session: Any, timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (await session.stats())["inFlight"] == 0:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("the completion never started generating")
+        await asyncio.sleep(0.02)
 
 
 async def test_a_newer_request_supersedes_the_older(session: Any) -> None:
