@@ -170,3 +170,37 @@ def test_errors_are_one_clear_line(argv: list[str], message: str) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr
+
+
+@pytest.mark.slow
+def test_complete_echo_and_logprobs_follow_the_reference(
+    capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path, single_process: None
+) -> None:
+    """Echo returns the prompt's tokens too; logprobs cover them (0.0 for BOS, as the reference)."""
+    tok = Tokenizer(tiny_checkpoint / "tokenizer.model")
+    result = _run_json(
+        capsys,
+        [
+            "complete",
+            "--prompt",
+            "def f(x):",
+            "--echo",
+            "--logprobs",
+            "--temperature",
+            "0",
+            *_model_args(tiny_checkpoint),
+        ],
+    )
+    prompt = completion_prompt_tokens(tok, "def f(x):")
+    generated = result["generation_tokens"]
+    assert isinstance(generated, list) and len(generated) == GEN
+    pieces, logprobs = result["tokens"], result["logprobs"]
+    assert isinstance(pieces, list) and isinstance(logprobs, list)
+    assert pieces == [tok.id_to_piece(i) for i in prompt + generated]
+    assert len(logprobs) == len(prompt) + GEN and logprobs[0] == 0.0
+    assert str(result["generation"]).startswith("def f(x):")
+    model, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    params = SamplingParams(max_gen_len=GEN, stop_ids=(tok.eos_id,), logprobs=True, echo=True)
+    oracle = generate(model, model.new_cache(1, 256), [prompt], params)[0]
+    want = [*(oracle.prompt_logprobs or []), *(oracle.logprobs or [])]
+    assert logprobs == pytest.approx(want, abs=1e-4)
