@@ -158,5 +158,7 @@ def test_schema_lists_every_setting_with_type_and_default() -> None:
         "description": "languageIds (empty: all)",
     }
     assert schema["actions.useCompletionModel"]["type"] == "boolean"
-    assert len(schema) == 38
+    assert schema["model.kvCacheTokens"]["type"] == "integer"
+    assert schema["model.kvCacheFraction"]["default"] == 0.9
+    assert len(schema) == 40
     assert schema["model.hangTimeoutS"]["type"] == "number"

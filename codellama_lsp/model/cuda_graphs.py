@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from codellama_lsp.model import parallel
-from codellama_lsp.model.kv_cache import KVCache
+from codellama_lsp.model.kv_cache import AttentionCache
 from codellama_lsp.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _warm_up(step: Step, inputs: Inputs, kv_len: int) -> None:
     torch.cuda.current_stream().wait_stream(stream)
 
 
-def make_step(model: Transformer, cache: KVCache, compile_mode: str | None = None) -> Step:
+def make_step(model: Transformer, cache: AttentionCache, compile_mode: str | None = None) -> Step:
     """The decode step as a function of the inputs; optionally through torch.compile."""
 
     def step(
@@ -152,7 +152,7 @@ class GraphedDecoder:
     def __init__(
         self,
         model: Transformer,
-        cache: KVCache,
+        cache: AttentionCache,
         *,
         mode: Mode | None = None,
         pad_slot: int | None = None,

@@ -8,6 +8,16 @@ Each request owns a cache slot while it runs. `step()` does, in order:
 Finished requests leave their slot with the tokens its cache holds; a later request with the same
 prefix reuses those positions and prefills only its new tail (see `engine_slots`).
 
+KV memory: the cache is paged (`paged_cache`), its pool sized from memory (`engine_memory`); a
+slot takes pages as its request's tokens grow, and a prefix copied from a running request shares
+its pages (copy-on-write). `max_seq_len` bounds one request, `max_batch_size` the slots. When the
+pool runs short, finished requests' cached prefixes are dropped first (least recently used). Then:
+  - a queued request waits (in order) until enough pages are free for its prompt and first token;
+    one that could never fit the pool fails at once as invalid;
+  - a running request that cannot get a page for its next token finishes with reason "length"
+    and a message saying the KV cache is full: every token it sent is valid, exactly as when it
+    reaches `max_seq_len` (older requests get pages first; the newest are cut).
+
 Model parallelism: every rank runs the same Engine in lockstep with the same requests. Only rank 0
 samples; the chosen ids are broadcast (`parallel.broadcast_tensor`), so all ranks feed the same
 tokens even where their logits differ in the last bit (all-reduce order, kernels). Seeding every
@@ -35,7 +45,9 @@ from codellama_lsp.errors import ConfigError, WorkerError
 from codellama_lsp.model import parallel, sampling
 from codellama_lsp.model.cuda_graphs import GraphedDecoder
 from codellama_lsp.model.engine_events import EngineFailure, FailureKind, failure
-from codellama_lsp.model.engine_slots import Slot, SlotTable
+from codellama_lsp.model.engine_memory import DEFAULT_KV_CACHE_FRACTION, pool_size
+from codellama_lsp.model.engine_slots import Placement, Slot, SlotTable
+from codellama_lsp.model.kv_pages import DEFAULT_PAGE_SIZE
 from codellama_lsp.model.transformer import Transformer
 from codellama_lsp.model.types import EngineRequest, Event, FinishEvent, FinishReason, TokenEvent
 
@@ -83,9 +95,14 @@ class Engine:
         max_seq_len: int,
         device: str | torch.device,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        kv_cache_tokens: int = 0,
+        kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION,
+        page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ConfigError("the engine needs max_batch_size >= 1 and max_seq_len >= 2")
+        if kv_cache_tokens < 0 or not 0.0 < kv_cache_fraction <= 1.0 or page_size < 1:
+            raise ConfigError("kv_cache_tokens >= 0, kv_cache_fraction in (0, 1], page_size >= 1")
         if max_seq_len > model.max_seq_len:
             raise ConfigError(
                 f"max_seq_len {max_seq_len} exceeds the model's rotary table ({model.max_seq_len})"
@@ -96,7 +113,16 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.vocab_size = model.args.vocab_size
         self.prefill_chunk = max(1, prefill_chunk)
-        self.cache = model.new_cache(max_batch_size, max_seq_len)
+        n_pages = pool_size(
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            page_size=page_size,
+            bytes_per_token=model.kv_bytes_per_token(),
+            device=self.device,
+            kv_cache_tokens=kv_cache_tokens,
+            kv_cache_fraction=kv_cache_fraction,
+        )
+        self.cache = model.new_paged_cache(max_batch_size, max_seq_len, n_pages, page_size)
         # Decode steps replay CUDA graphs on one GPU (the same forward, bucketed shapes); on CPU
         # and across ranks the decoder runs the plain forward.
         self.decoder = GraphedDecoder(model, self.cache)
@@ -147,7 +173,7 @@ class Engine:
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode(self, events: list[Event]) -> None:
-        rows = list(self._running.values())
+        rows = self._grow(list(self._running.values()), events)
         while rows:
             try:
                 logits = self._decode_forward(rows)
@@ -165,6 +191,19 @@ class Engine:
         for run, token, logprob in zip(rows, ids, logprobs, strict=True):
             self._accept(run, token, logprob, events)
 
+    def _grow(self, rows: list[_Running], events: list[Event]) -> list[_Running]:
+        """Give each row a writable page for its next position, oldest first; a row the pool
+        cannot serve finishes with reason "length" (see the module docstring)."""
+        growing = []
+        for run in rows:
+            slot, pos = run.slot.index, run.position
+            room = self._room(self.cache.tables.needed(slot, pos, pos + 1), keep={slot})
+            if room and self.cache.reserve(slot, pos, pos + 1):
+                growing.append(run)
+                continue
+            self._finish(run, "length", events, self._pool_full_message())
+        return growing
+
     def _decode_forward(self, rows: list[_Running]) -> torch.Tensor:
         tokens = self._tensor([[run.pending] for run in rows])
         start_pos = self._tensor([run.position for run in rows])
@@ -175,13 +214,64 @@ class Engine:
     # -- admission and prefill -------------------------------------------------------------------
     def _admit(self, events: list[Event]) -> None:
         while self._queue and self.slots.has_free():
-            request = self._queue.popleft()
+            request = self._queue[0]
             problem = self._validate(request)
             if problem is not None:
+                self._queue.popleft()
                 n = len(request.prompt_tokens)
                 events.append(failure(request.request_id, "invalid", problem, prompt_tokens=n))
                 continue
-            self._start(request, events)
+            place = self._make_room(request)
+            if place is None:
+                return  # waits, in order, until running requests give pages back
+            self._queue.popleft()
+            self._start(request, place, events)
+
+    def _make_room(self, request: EngineRequest) -> Placement | None:
+        """Place the request and free enough pages for its prompt and first token, or None."""
+        params = request.params
+        # Prompt logprobs need the logits of every prompt position: no reuse for those.
+        allow_reuse = not (params.echo and params.logprobs)
+        place = self.slots.place(request.prompt_tokens, allow_reuse=allow_reuse)
+        if not self._room(self._pages_to_start(request, place), keep={place.slot}):
+            if self._running or not place.reuse:
+                return None
+            # Nothing runs, so only the reused prefix's pages are held: start cold instead.
+            place = self.slots.place(request.prompt_tokens, allow_reuse=False)
+            if not self._room(self._pages_to_start(request, place), keep={place.slot}):
+                return None
+        return place
+
+    def _pages_to_start(self, request: EngineRequest, place: Placement) -> int:
+        """Drop the target slot's pages the request does not reuse; return the new pages that its
+        prompt and first generated token take (one more when a shared page must be copied)."""
+        kept = place.reuse if place.copy_from is None else 0
+        self._forget(place.slot, kept)
+        tables, end = self.cache.tables, self._tokens_to_start(request)
+        cow = 1 if place.reuse % self.cache.page_size else 0
+        return tables.pages_for(end) - tables.pages_for(place.reuse) + cow
+
+    def _tokens_to_start(self, request: EngineRequest) -> int:
+        return min(len(request.prompt_tokens) + 1, self.max_seq_len)
+
+    def _room(self, pages: int, keep: set[int]) -> bool:
+        """Free `pages` pages, dropping idle slots' cached prefixes (least recently used first)."""
+        while self.cache.pool.free < pages:
+            idle = [
+                s
+                for s in self.slots.slots
+                if not s.busy and s.index not in keep and self.cache.tables.held(s.index)
+            ]
+            if not idle:
+                return False
+            self._forget(min(idle, key=lambda s: s.last_used).index, 0)
+        return True
+
+    def _forget(self, index: int, keep_tokens: int) -> None:
+        """The slot keeps only its first `keep_tokens` positions, in pages and in its record."""
+        slot = self.slots.slots[index]
+        del slot.tokens[keep_tokens:]
+        self.cache.free_slot(index, keep_tokens)
 
     def _validate(self, request: EngineRequest) -> str | None:
         prompt, params = request.prompt_tokens, request.params
@@ -192,6 +282,11 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens but max_seq_len is {self.max_seq_len}: "
                 "shorten the prompt or raise max_seq_len"
             )
+        if self.cache.tables.pages_for(self._tokens_to_start(request)) > self.cache.pool.usable:
+            return (
+                f"the prompt has {len(prompt)} tokens but the KV cache holds only "
+                f"{self.cache.capacity_tokens}: shorten the prompt or raise kv_cache_tokens"
+            )
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             return f"the prompt holds a token id outside 0..{self.vocab_size - 1}"
         if params.max_gen_len < 0:
@@ -200,15 +295,17 @@ class Engine:
             return "temperature must be >= 0 and top_p in (0, 1]"
         return None
 
-    def _start(self, request: EngineRequest, events: list[Event]) -> None:
+    def _start(self, request: EngineRequest, place: Placement, events: list[Event]) -> None:
         prompt, params = request.prompt_tokens, request.params
-        # Prompt logprobs need the logits of every prompt position: no reuse for those.
-        place = self.slots.place(prompt, allow_reuse=not (params.echo and params.logprobs))
         if place.copy_from is not None:
             self.cache.copy_slot(place.copy_from, place.slot, place.reuse)
         slot = self.slots.acquire(place.slot, prompt[: place.reuse])
         run = _Running(request, slot, place.reuse, self._generator(request))
         self._running[request.request_id] = run
+        if not self.cache.reserve(slot.index, place.reuse, self._tokens_to_start(request)):
+            # _make_room freed enough pages just before: this is a bookkeeping bug.
+            self._fail(run, "internal", "the KV cache pool lost track of its pages", events)
+            return
         try:
             last_logits = self._prefill(run)
         except Exception as exc:
@@ -303,6 +400,12 @@ class Engine:
 
     def _full_message(self) -> str:
         return f"stopped at max_seq_len ({self.max_seq_len} tokens, prompt included)"
+
+    def _pool_full_message(self) -> str:
+        return (
+            f"stopped: the KV cache is full ({self.cache.capacity_tokens} tokens shared by "
+            f"{len(self._running)} requests); raise kv_cache_tokens or kv_cache_fraction"
+        )
 
     # -- leaving ---------------------------------------------------------------------------------
     def _finish(

@@ -2,12 +2,38 @@
 
 A slot is a row of the cache that holds one request's keys and values; the continuous-batching
 engine may put any request in any slot, so every access takes explicit slot indices.
+
+This contiguous cache is the plain loop's (`generation.generate`, the oracle); the serving engine
+uses the paged one (`paged_cache.PagedKVCache`). The model sees either through `AttentionCache`.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
+
+
+class AttentionCache(Protocol):
+    """What the Transformer and the decode fast path need of a KV cache."""
+
+    n_layers: int
+    max_batch_size: int
+    max_seq_len: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def update(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        start_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_len: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class KVCache(nn.Module):

@@ -22,7 +22,9 @@ from torch import nn
 from codellama_lsp.errors import CheckpointError
 from codellama_lsp.model import parallel
 from codellama_lsp.model.args import ModelArgs
-from codellama_lsp.model.kv_cache import KVCache
+from codellama_lsp.model.kv_cache import AttentionCache, KVCache
+from codellama_lsp.model.kv_pages import kv_bytes_per_token
+from codellama_lsp.model.paged_cache import PagedKVCache
 
 # Positions covered by the rotary tables: Code Llama holds up to about 100k tokens.
 DEFAULT_MAX_SEQ_LEN = 131072
@@ -202,7 +204,7 @@ class _StepContext:
         self,
         rope: torch.Tensor,
         mask: torch.Tensor,
-        cache: KVCache,
+        cache: AttentionCache,
         slots: torch.Tensor,
         start_pos: torch.Tensor,
         kv_len: int,
@@ -253,11 +255,33 @@ class Transformer(nn.Module):
             device=weight.device,
         )
 
+    def new_paged_cache(
+        self, max_batch_size: int, max_seq_len: int, n_pages: int, page_size: int
+    ) -> PagedKVCache:
+        """A zeroed paged cache of `n_pages` pages (scratch page included) for this rank."""
+        weight = self.norm.weight
+        return PagedKVCache(
+            self.args.n_layers,
+            max_batch_size,
+            max_seq_len,
+            n_pages,
+            self.n_local_kv_heads,
+            self.args.head_dim,
+            page_size,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes of one position on this rank (K and V of every layer, weights' dtype)."""
+        args, size = self.args, self.norm.weight.element_size()
+        return kv_bytes_per_token(args.n_layers, self.n_local_kv_heads, args.head_dim, size)
+
     def forward(
         self,
         tokens: torch.Tensor,
         start_pos: torch.Tensor,
-        cache: KVCache,
+        cache: AttentionCache,
         slots: torch.Tensor,
         kv_len: int | None = None,
     ) -> torch.Tensor:

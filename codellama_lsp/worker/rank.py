@@ -134,6 +134,8 @@ def _load(conn: Connection, launch: Launch, settings: WorkerSettings) -> Engine:
         max_batch_size=settings.max_batch_size,
         max_seq_len=settings.max_seq_len,
         device=device,
+        kv_cache_tokens=settings.kv_cache_tokens,
+        kv_cache_fraction=settings.kv_cache_fraction,
     )
     parallel.barrier()  # Ready means every rank holds its shard
     info = ReadyInfo(

@@ -18,6 +18,10 @@ class WorkerSettings:
     dtype: str = "bfloat16"
     max_seq_len: int = 4096
     max_batch_size: int = 4
+    # KV-cache pool (model/engine_memory.py): a fixed number of positions when > 0, else on CUDA
+    # this fraction of the memory left after the weights, else max_batch_size * max_seq_len.
+    kv_cache_tokens: int = 0
+    kv_cache_fraction: float = 0.9
     init_timeout_s: float = 120.0  # torch.distributed rendezvous and collectives
     load_timeout_s: float = 900.0  # spawn to Ready of every rank
     request_timeout_s: float = 120.0  # a request with no event this long fails (queued too)
@@ -46,6 +50,8 @@ class WorkerSettings:
             raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.max_seq_len < 2 or self.max_batch_size < 1:
             raise ConfigError("max_seq_len must be at least 2 and max_batch_size at least 1")
+        if self.kv_cache_tokens < 0 or not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ConfigError("kv_cache_tokens must be >= 0 and kv_cache_fraction in (0, 1]")
         if self.hang_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("hang_timeout_s must be longer than heartbeat_interval_s")
 
@@ -64,6 +70,8 @@ def settings_from(config: Any, **overrides: Any) -> WorkerSettings:
             "dtype",
             "max_seq_len",
             "max_batch_size",
+            "kv_cache_tokens",
+            "kv_cache_fraction",
             "load_timeout_s",
             "request_timeout_s",
             "init_timeout_s",

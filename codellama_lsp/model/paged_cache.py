@@ -1,0 +1,131 @@
+"""The paged KV cache of the serving engine: one pool of pages per layer, shared by all slots.
+
+Why: a static `[max_batch_size, max_seq_len]` cache reserves the longest possible request for
+every slot, so one 16k-token request forces 16k positions on every editor's 4k one. Here the
+pool (`[n_pages, page_size, H_kv, D]` for K and for V, per layer) is sized from memory and a
+request takes pages only as its tokens grow (bookkeeping in `kv_pages`). `max_seq_len` bounds one
+request; `max_batch_size` bounds the slots.
+
+Attention reads a row's keys through its slot's page table up to `kv_len` and returns the same
+`[B, kv_len, H, D]` as the static cache, with the same masking (positions past a row's own are
+masked by the model), so results are identical. The page table is one tensor whose address
+never changes (entries are written in place), so CUDA graphs captured over it stay valid.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import nn
+
+from codellama_lsp.model.kv_pages import SCRATCH_PAGE, PageChange, PagePool, PageTables
+
+
+class PagedKVCache(nn.Module):
+    def __init__(
+        self,
+        n_layers: int,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_pages: int,
+        n_local_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_layers, self.page_size = n_layers, page_size
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        # One table column more than max_seq_len needs: a pad row of a bucketed step may write
+        # one position past a row at the last position; that entry stays on the scratch page.
+        max_pages = -(-max_seq_len // page_size) + 1
+        self.pool = PagePool(n_pages)
+        self.tables = PageTables(self.pool, max_batch_size, page_size, max_pages - 1)
+        shape = (n_pages, page_size, n_local_kv_heads, head_dim)
+        for layer in range(n_layers):
+            # Not persistent: a cache is scratch space, never part of a checkpoint.
+            self.register_buffer(f"k{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
+            self.register_buffer(f"v{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
+        table = torch.full((max_batch_size, max_pages), SCRATCH_PAGE, dtype=torch.long)
+        self.register_buffer("page_table", table.to(device), False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.table().device
+
+    def table(self) -> torch.Tensor:
+        """The page table `[max_batch_size, pages per slot]`: one tensor, updated in place."""
+        return cast(torch.Tensor, self.page_table)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.usable * self.page_size
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k: torch.Tensor = getattr(self, f"k{layer}")
+        v: torch.Tensor = getattr(self, f"v{layer}")
+        return k, v
+
+    # -- the model's side: no host sync, static shapes for a given (B, T, kv_len) --------------
+    def update(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        start_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_len: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `KVCache.update`: write `k`, `v` `[B, T, H, D]` at positions `start_pos[b]..+T` of
+        `slots[b]`, return those slots' keys and values over positions `0..kv_len`."""
+        pool_k, pool_v = self.layer(layer)
+        positions = start_pos[:, None] + torch.arange(k.shape[1], device=k.device)
+        table = self.table()[slots]  # [B, max_pages]
+        pages = table.gather(1, positions // self.page_size)
+        offsets = positions % self.page_size
+        pool_k.index_put_((pages, offsets), k.to(pool_k.dtype))
+        pool_v.index_put_((pages, offsets), v.to(pool_v.dtype))
+        length = self.max_seq_len if kv_len is None else kv_len
+        read = table[:, : -(-length // self.page_size)]  # [B, n]
+        b, n = read.shape
+        keys = pool_k[read].view(b, n * self.page_size, *pool_k.shape[2:])[:, :length]
+        values = pool_v[read].view(b, n * self.page_size, *pool_v.shape[2:])[:, :length]
+        return keys, values
+
+    # -- the engine's side: page bookkeeping, mirrored into the table tensor --------------------
+    def free_slot(self, slot: int, keep_tokens: int = 0) -> None:
+        """Give back the slot's pages past its first `keep_tokens` positions."""
+        self._mirror(self.tables.truncate(slot, keep_tokens))
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Slot `dst` reads the first `length` positions of `src` (prefix reuse): the pages are
+        shared, and copied only when one of the two writes into them."""
+        self._mirror(self.tables.share(src, dst, length))
+
+    def reserve(self, slot: int, start: int, end: int) -> bool:
+        """Make positions `start..end` of `slot` writable; False when the pool is too full."""
+        changes = self.tables.reserve(slot, start, end)
+        if changes is None:
+            return False
+        self._mirror(changes)
+        return True
+
+    def _mirror(self, changes: list[PageChange]) -> None:
+        if not changes:
+            return
+        copies = [c for c in changes if c.copy_from is not None]
+        if copies:
+            dst = torch.tensor([c.page for c in copies], device=self.device)
+            src = torch.tensor([c.copy_from for c in copies], device=self.device)
+            for layer in range(self.n_layers):
+                for buf in self.layer(layer):
+                    buf[dst] = buf[src]
+        # In order, one entry at a time would be many tiny copies: later changes of the same
+        # entry must win, so keep the last change per entry and write them all at once.
+        last = {(c.slot, c.index): c.page for c in changes}
+        rows = torch.tensor([s for s, _ in last], dtype=torch.long)
+        cols = torch.tensor([i for _, i in last], dtype=torch.long)
+        pages = torch.tensor(list(last.values()), dtype=torch.long)
+        self.table().index_put_((rows.to(self.device), cols.to(self.device)), pages.to(self.device))
