@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from codellama_lsp.config import CompletionConfig
 from codellama_lsp.infill.chat import (
     SPECIAL_TAGS,
     Message,
@@ -19,6 +20,13 @@ from codellama_lsp.infill.edits import apply_change, offset_at, position_at
 from codellama_lsp.infill.prompt import infilling_prompt_tokens
 from codellama_lsp.infill.window import select_window
 from codellama_lsp.model.tokenizer import Tokenizer
+from codellama_lsp.service.completion import (
+    PROMPT_OVERHEAD_TOKENS,
+    Cursor,
+    Trace,
+    plan_completion,
+    prompt_budget,
+)
 
 BOS, PRE, SUF, MID, STEP = 1, 32007, 32008, 32009, 32015
 
@@ -169,3 +177,31 @@ def test_incremental_edits_equal_the_full_text(
         text = apply_change(text, (start, end), new, encoding)  # type: ignore[arg-type]
         expected = expected[:a] + new + expected[b:]
         assert text == expected
+
+
+@SETTINGS
+@given(
+    text=lines,
+    cursor=st.integers(min_value=0, max_value=2000),
+    context_tokens=st.integers(min_value=0, max_value=300),
+    answer_tokens=st.integers(min_value=1, max_value=200),
+    fim=st.sampled_from(["psm", "spm", "auto"]),
+)
+def test_the_server_prompt_fits_the_model_and_has_only_its_own_sentinels(
+    tok: Tokenizer, text: str, cursor: int, context_tokens: int, answer_tokens: int, fim: str
+) -> None:
+    """The whole chain the server runs (window, then prompt), not only the window: the prompt
+    plus the longest answer always fits max_seq_len, and its only special ids are its own."""
+    max_seq_len = 256
+    config = CompletionConfig(
+        context_tokens=context_tokens,
+        max_tokens_multiline=answer_tokens,
+        fim_format=fim,  # type: ignore[arg-type]
+    )
+    cursor = min(cursor, len(text))
+    plan = plan_completion(tok, config, max_seq_len, Cursor(text[:cursor], text[cursor:]), Trace())
+    budget = prompt_budget(config, max_seq_len)
+    assert len(plan.prompt) <= budget + PROMPT_OVERHEAD_TOKENS
+    assert len(plan.prompt) + answer_tokens <= max_seq_len
+    special = [token for token in plan.prompt if token in tok.special_ids]
+    assert special == [BOS, PRE, SUF, MID]  # in this order in PSM and in SPM alike

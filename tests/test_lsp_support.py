@@ -187,22 +187,32 @@ async def running_server(
     init_options: dict[str, Any] | None = None,
     wait_ready: bool = True,
     capabilities: t.ClientCapabilities | None = None,
+    env: dict[str, str] | None = None,
+    root_uri: str | None = None,
 ) -> AsyncIterator[Session]:
     statuses, edits = StatusLog(), EditLog()
     factory = lambda: make_client(statuses, edits)  # noqa: E731
-    started = await ClientServerConfig(server_command=command, client_factory=factory).start()
+    config = ClientServerConfig(server_command=command, client_factory=factory, server_env=env)
+    started = await config.start()
     client = cast(LanguageClient, started)
     session = Session(client, statuses, edits)
     try:
         caps = capabilities or client_capabilities(profile)
-        params = t.InitializeParams(capabilities=caps, initialization_options=init_options)
+        params = t.InitializeParams(
+            capabilities=caps, initialization_options=init_options, root_uri=root_uri
+        )
         session.result = await client.initialize_session(params)
         if wait_ready:
             await statuses.wait_for("ready")
         yield session
         if not session.shut_down:
-            await client.shutdown_session()
+            await asyncio.wait_for(client.shutdown_session(), 60)
     finally:
+        # pygls' client.stop() waits for the server to exit: after a failed test (no shutdown
+        # and exit sent) it would wait forever. The ranks die with the server.
+        process = getattr(client, "_server", None)
+        if process is not None and process.returncode is None:
+            process.kill()
         await client.stop()
 
 
@@ -222,6 +232,12 @@ def inline_params(uri: str, line: int, character: int, invoked: bool = False) ->
         position=t.Position(line=line, character=character),
         context=t.InlineCompletionContext(trigger_kind=kind),
     )
+
+
+async def inline(session: Session, uri: str, line: int, col: int, invoked: bool = False) -> Any:
+    """textDocument/inlineCompletion; the result untyped (lsprotocol's union of shapes)."""
+    params = inline_params(uri, line, col, invoked)
+    return await session.client.text_document_inline_completion_async(params)
 
 
 async def expected_texts(
@@ -332,10 +348,12 @@ def rss_kib(pid: int) -> int:
 
 def server_pid(session: Session) -> int:
     """The pid of the server process pytest-lsp started."""
-    return int(session.client._server.pid)  # type: ignore[attr-defined]
+    process: Any = session.client._server
+    return int(process.pid)
 
 
 def send_raw(session: Session, body: bytes) -> None:
     """One framed message written as given (bytes the typed client would refuse to encode)."""
-    stdin = session.client._server.stdin  # type: ignore[attr-defined]
+    process: Any = session.client._server
+    stdin = process.stdin
     stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)

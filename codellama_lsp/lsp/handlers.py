@@ -154,7 +154,9 @@ async def accept_completion(ls: CodeLlamaServer, arguments: list[Any]) -> None:
 
 @mapped_errors
 async def stats(ls: CodeLlamaServer, params: Any) -> dict[str, Any]:
-    return service_of(ls).stats_snapshot()
+    snapshot = service_of(ls).stats_snapshot()
+    snapshot["protocolPending"] = ls.protocol.pending_requests()
+    return snapshot
 
 
 # -- code actions -------------------------------------------------------------------------------

@@ -63,6 +63,23 @@ class CodeLlamaProtocol(LanguageServerProtocol):
         if "id" in data and method is not None:
             self.send_error(data["id"], exc.code, f"invalid parameters for {method}")
 
+    def _check_handler_result(self, future: Any) -> None:
+        # pygls files the future of a notification whose handler is a generator or a coroutine
+        # (didOpen, didChange and didClose here, didChangeConfiguration) in `_request_futures`
+        # under a random id and never takes it out: one Future leaked per keystroke, about
+        # 11 MiB a minute under 16 busy editors. Take it out when it is done (it is the newest
+        # entry, so the search ends at once).
+        futures = self._request_futures
+        for key in reversed(futures):
+            if futures[key] is future:
+                del futures[key]
+                break
+        super()._check_handler_result(future)
+
+    def pending_requests(self) -> int:
+        """Requests the protocol is still tracking (codellama/stats: bounded when healthy)."""
+        return len(self._request_futures)
+
     # -- request gating -----------------------------------------------------------------------
     def handle_message(self, message: Any) -> None:
         method = getattr(message, "method", None)
