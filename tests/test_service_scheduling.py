@@ -175,10 +175,9 @@ async def test_cancelling_the_task_cancels_on_the_worker(real: Any) -> None:
     real.did_open("c", "python", 1, "def g():\n    \n")
     before = real.stats.counts["generation.stoppedOnWorker"]
     task = asyncio.ensure_future(real.complete("c", (1, 4), False, "cancel-me"))
-    while real.scheduler.in_flight() == 0:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)
-    task.cancel()
+    # Cancel right when the worker streams its first token (not after a guessed sleep: on a
+    # loaded machine the request may still be queued, or already finished, by then).
+    cancel_at_first_token(real.runtime.completion_model().generator, task)
     with pytest.raises(asyncio.CancelledError):
         await task
     assert real.stats.counts["completion.cancelled"] == 1
@@ -187,3 +186,47 @@ async def test_cancelling_the_task_cancels_on_the_worker(real: Any) -> None:
     real.update_config(config)
     result = await asyncio.wait_for(real.complete("c", (1, 4), False, "after"), 30)
     assert result.outcome in ("model", "empty")
+
+
+def cancel_at_first_token(generator: Any, task: asyncio.Future[Any]) -> None:
+    """Cancel `task` as the real worker group streams its first token (observation only)."""
+    stream = generator.stream
+
+    async def watched(request: Any) -> AsyncIterator[Any]:
+        generator.stream = stream  # once
+        async for event in stream(request):
+            task.cancel()
+            yield event
+
+    generator.stream = watched
+
+
+async def test_an_older_waiter_never_supersedes_the_newer_running_request() -> None:
+    """The race the LSP typing burst found: the running generation ends, the newest request
+    takes its turn before an older (already superseded) waiter wakes up; that waiter must give
+    up, not supersede the newest one (the user's last keystroke would get no completion)."""
+    scheduler = DocumentScheduler()
+    release = asyncio.Event()
+
+    async def first() -> None:
+        async with scheduler.turn("doc"):
+            await release.wait()
+
+    async def request() -> str:
+        try:
+            async with scheduler.turn("doc") as ticket:
+                await asyncio.sleep(0.05)
+                ticket.check()
+                return "ran"
+        except SupersededError:
+            return "superseded"
+
+    running = asyncio.create_task(first())
+    await asyncio.sleep(0)
+    older = asyncio.create_task(request())  # waits for `first`, superseding it
+    await asyncio.sleep(0)
+    release.set()  # `first` ends at its next step; `older` is woken after that ...
+    newest = asyncio.create_task(request())  # ... while `newest` runs first
+    assert await asyncio.wait_for(asyncio.gather(older, newest), 5) == ["superseded", "ran"]
+    await running
+    assert scheduler.in_flight() == 0

@@ -6,6 +6,7 @@ No torch here: the language server holds the tokenizer, the GPU ranks only ever 
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -15,6 +16,7 @@ from codellama_lsp.errors import TokenizerError
 # The reference encodes "☺" + text and drops the first two ids to get the pieces of `text` without
 # SentencePiece's implicit leading "▁"; decoding prepends the piece of "☺" and drops its character.
 _NOSPACE_MARK = "☺"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Tokenizer:
@@ -121,6 +123,9 @@ class Tokenizer:
         return tuple(sorted(s for s in surfaces if s))
 
     def _encode_safe(self, text: str, nospace: bool) -> list[int]:
+        # SentencePiece takes UTF-8: a lone surrogate (possible in an editor's UTF-16 text) cannot
+        # be encoded, so it becomes U+FFFD, one UTF-16 unit like the surrogate it replaces.
+        text = _LONE_SURROGATE.sub("\ufffd", text)
         ids = self.encode_nospace(text) if nospace else self.encode(text)
         if not any(i in self.special_ids for i in ids):
             return ids  # the common case: identical to the reference's encoding

@@ -69,7 +69,7 @@ class DocumentScheduler:
             older.supersede()
         self._latest[key] = ticket
         try:
-            await self._wait_for_running(key)
+            await self._wait_for_running(ticket)
             ticket.check()
             self._running[key] = ticket
             try:
@@ -82,9 +82,15 @@ class DocumentScheduler:
             if self._latest.get(key) is ticket:
                 del self._latest[key]
 
-    async def _wait_for_running(self, key: str) -> None:
+    async def _wait_for_running(self, ticket: Ticket) -> None:
+        key = ticket.key
         running = self._running.get(key)
         while running is not None:
+            if ticket.superseded or running.seq > ticket.seq:
+                # A newer request came (and may already run, if it took its turn before this
+                # waiter woke up): give up; never supersede a newer request.
+                ticket.superseded = True
+                return
             running.supersede()
             try:
                 await asyncio.wait_for(running.done.wait(), _SUPERSEDE_WAIT_S)
