@@ -21,7 +21,11 @@ import torch
 from codellama_lsp.errors import CheckpointError, TokenizerError
 from codellama_lsp.model import parallel
 from codellama_lsp.model.args import ModelArgs, read_params
-from codellama_lsp.model.checkpoint_checklist import verify_checklist
+from codellama_lsp.model.checkpoint_checklist import (
+    CHECKLIST_NAME,
+    read_checklist,
+    verify_checklist,
+)
 from codellama_lsp.model.checkpoint_hf import find_safetensors, hf_rank_weights, read_hf_config
 from codellama_lsp.model.checkpoint_reshard import ProgressFn, RankWeights, meta_rank_weights
 from codellama_lsp.model.tokenizer import Tokenizer
@@ -94,10 +98,24 @@ def _meta_shards(folder: Path) -> tuple[Path, ...]:
             found[int(match.group(1))] = path
     if not found:
         raise CheckpointError(f"no consolidated.*.pth weight files in {folder} ({_FOLDER_HELP})")
-    missing = [f"consolidated.{i:02d}.pth" for i in range(max(found) + 1) if i not in found]
+    expected = max(max(found) + 1, _listed_shard_count(folder))
+    missing = [f"consolidated.{i:02d}.pth" for i in range(expected) if i not in found]
     if missing:
         raise CheckpointError(f"{folder} lacks the shards {missing}: the download is incomplete")
     return tuple(found[i] for i in sorted(found))
+
+
+def _listed_shard_count(folder: Path) -> int:
+    """How many shards checklist.chk names (0 without one): a lost last shard shows there."""
+    checklist = folder / CHECKLIST_NAME
+    if not checklist.is_file():
+        return 0
+    try:
+        names = [name for _, name in read_checklist(checklist)]
+    except CheckpointError:
+        return 0  # a damaged checklist is --verify's to report; loading goes by the files
+    numbers = [int(m.group(1)) for m in map(_SHARD_RE.fullmatch, names) if m]
+    return max(numbers) + 1 if numbers else 0
 
 
 def resolve_vocab(args: ModelArgs, n_words: int, tokenizer: str) -> ModelArgs:
