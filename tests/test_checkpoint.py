@@ -426,3 +426,16 @@ def test_float16_shards_load_in_their_own_dtype(tmp_path: Path) -> None:
         tmp_path / "f16", ARGS_4, shard_state_dict(full, ARGS_4, 2), TOKENIZER
     )
     _assert_same(_load(folder), full)
+
+
+def test_a_lost_last_shard_is_named_from_the_checklist(
+    tmp_path: Path, tokenizer_path: Path
+) -> None:
+    """Without checklist.chk a missing last shard looks like a smaller checkpoint; with it, the
+    message names the file that is gone."""
+    folder = write_random_checkpoint(
+        tmp_path / "ck", TINY_ARGS, model_parallel=2, tokenizer_path=tokenizer_path
+    )
+    (folder / "consolidated.01.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth"):
+        find_checkpoint(folder)

@@ -111,7 +111,7 @@ def _listed_shard_count(folder: Path) -> int:
     if not checklist.is_file():
         return 0
     try:
-        names = [name for _, name in read_checklist(checklist)]
+        names = [name for name, _digest in read_checklist(checklist)]
     except CheckpointError:
         return 0  # a damaged checklist is --verify's to report; loading goes by the files
     numbers = [int(m.group(1)) for m in map(_SHARD_RE.fullmatch, names) if m]
