@@ -230,7 +230,7 @@ def set_completion(session: Any, completion: dict[str, Any]) -> None:
 
 async def wait_until_generating(session: Any, timeout_s: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while (await session.stats())["inFlight"] == 0:
+    while (await session.stats())["generating"] == 0:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("the completion never started generating")
         await asyncio.sleep(0.02)

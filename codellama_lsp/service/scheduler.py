@@ -35,6 +35,10 @@ class Ticket:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     _on_supersede: Callable[[], None] | None = None
 
+    @property
+    def generating(self) -> bool:
+        return self._on_supersede is not None
+
     def on_supersede(self, callback: Callable[[], None] | None) -> None:
         """Set what stops this ticket's generation (cancel on the worker); None when idle."""
         self._on_supersede = callback
@@ -59,6 +63,10 @@ class DocumentScheduler:
 
     def in_flight(self) -> int:
         return len(self._running)
+
+    def generating(self) -> int:
+        """Running requests whose generation has been handed to the worker."""
+        return sum(1 for ticket in self._running.values() if ticket.generating)
 
     @contextlib.asynccontextmanager
     async def turn(self, key: str) -> AsyncIterator[Ticket]:

@@ -384,6 +384,7 @@ class CodeLlamaService:
         snapshot["models"] = self.runtime.describe()
         snapshot["documents"] = len(self.documents)
         snapshot["inFlight"] = self.scheduler.in_flight()
+        snapshot["generating"] = self.scheduler.generating()
         return snapshot
 
 
