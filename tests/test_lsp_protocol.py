@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from test_lsp_support import TEST_SETTINGS, server_command
+from test_lsp_support import TEST_SETTINGS, alive, child_pids, server_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -244,7 +244,7 @@ async def test_the_server_still_serves_after_all_that(server: RawClient) -> None
 
 async def test_shutdown_and_exit_leave_no_process_and_no_document_text(server: RawClient) -> None:
     proc = server.proc  # type: ignore[attr-defined]
-    children = _children(proc.pid)
+    children = child_pids(proc.pid)
     assert children, "the model ranks run as child processes"
     server.request(16, "shutdown", None)
     assert (await server.response(16))["result"] is None
@@ -253,31 +253,10 @@ async def test_shutdown_and_exit_leave_no_process_and_no_document_text(server: R
     server.notify("exit", None)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     await asyncio.sleep(0.5)
-    assert [pid for pid in children if _alive(pid)] == []
+    assert [pid for pid in children if alive(pid)] == []
     log = (await proc.stderr.read()).decode("utf-8", "replace")
     assert '"kind":"completion"' in log  # the per-request line is there ...
     assert CANARY not in log  # ... and the document text is not
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 # -- TCP ------------------------------------------------------------------------------------------
@@ -357,7 +336,7 @@ async def test_two_ranks_serve_and_leave_nothing_behind(tiny_checkpoint: Path) -
         lambda m: m.get("method") == "codellama/status" and m["params"]["state"] == "ready",
         timeout=90,
     )
-    ranks = _children(proc.pid)
+    ranks = child_pids(proc.pid)
     assert len(ranks) >= 2
     client.notify(
         "textDocument/didOpen",
@@ -385,4 +364,4 @@ async def test_two_ranks_serve_and_leave_nothing_behind(tiny_checkpoint: Path) -
     client.notify("exit", None)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     await asyncio.sleep(0.5)
-    assert [pid for pid in ranks if _alive(pid)] == []
+    assert [pid for pid in ranks if alive(pid)] == []
