@@ -144,6 +144,7 @@ _FIM_DOC = "prompt layout: psm, spm, or auto (spm when the suffix is the longer 
 _CONTEXT_DOC = "prompt budget in tokens (0: maxSeqLen minus the answer's budget)"
 _KV_TOKENS_DOC = "KV-cache pool in tokens, all requests (0: CUDA by fraction, CPU batch*seq)"
 _KV_FRACTION_DOC = "CUDA: share of the memory free after the weights for the KV cache"
+_FAST_DOC = "CUDA: fused projections, compiled kernels and graphs recorded at start"
 _INSTRUCT_DOC = "Instruct checkpoint for code actions (= model.ckptDir: one worker group)"
 _SHARE_DOC = "the completion model is a 7B/13B Instruct model: actions run on it too"
 _SAFETY_DOC = "checker command: reads text on stdin, non-zero exit refuses (never a shell)"
@@ -171,6 +172,7 @@ class ModelConfig:
     max_batch_size: int = _S(4, _int(1, 1024), "concurrent sequences")
     kv_cache_tokens: int = _S(0, _int(0, 1 << 30), _KV_TOKENS_DOC)
     kv_cache_fraction: float = _S(0.9, _float(0.01, 1), _KV_FRACTION_DOC)
+    fast_kernels: bool = _S(True, _bool, _FAST_DOC)
     load_timeout_s: float = _S(900.0, _float(1, 86400), "seconds to load the model")
     request_timeout_s: float = _S(120.0, _float(1, 3600), "seconds a request may stall")
     # The worker group's fault timings (worker.settings.WorkerSettings has the same fields).
@@ -415,6 +417,7 @@ _MODEL_FLAGS = (
     ("--max-batch-size", "model", "max_batch_size"),
     ("--kv-cache-tokens", "model", "kv_cache_tokens"),
     ("--kv-cache-fraction", "model", "kv_cache_fraction"),
+    ("--fast-kernels", "model", "fast_kernels"),
     ("--load-timeout", "model", "load_timeout_s"),
     ("--request-timeout", "model", "request_timeout_s"),
 )

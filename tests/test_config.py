@@ -160,5 +160,10 @@ def test_schema_lists_every_setting_with_type_and_default() -> None:
     assert schema["actions.useCompletionModel"]["type"] == "boolean"
     assert schema["model.kvCacheTokens"]["type"] == "integer"
     assert schema["model.kvCacheFraction"]["default"] == 0.9
-    assert len(schema) == 40
+    assert schema["model.fastKernels"] == {
+        "type": "boolean",
+        "default": True,
+        "description": ("CUDA: fused projections, compiled kernels and graphs recorded at start"),
+    }
+    assert len(schema) == 41
     assert schema["model.hangTimeoutS"]["type"] == "number"

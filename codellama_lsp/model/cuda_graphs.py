@@ -15,6 +15,12 @@ token, in row 0's own slot: nothing reads that position before row 0's next step
 never extends past its fed tokens. That needs `kv_len < max_seq_len`; otherwise the step runs
 eagerly.
 
+Short prompt tails (a keystroke's few new tokens after a reused prefix) go through graphs too:
+one row, its tokens padded up to a width bucket (2, 4, 8, 16) with copies of the last one. The
+pad columns write the positions just past the row's real tokens, in its own slot, where nothing
+is read before the next step overwrites them (the same argument as pad rows), so they need
+`start + width <= max_seq_len`.
+
 Exactness: a real row computes the same function as the eager forward (masked extra keys add
 exact zeros). Kernels chosen for a padded shape may round differently in the last bit, so greedy
 ties within bf16 rounding can differ; the benchmarks report them.
@@ -40,18 +46,21 @@ from codellama_lsp.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 Mode = Literal["eager", "padded", "graphs"]
-Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # tokens [B, 1], start_pos [B], slots [B]
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # tokens [B, W], start_pos [B], slots [B]
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 # Keys are bucketed in multiples of this up to 16x it, then in sixteenths of the next power of
 # two: at most 12.5% more keys than needed past 4096, and 8 graphs per doubling of the context.
 DEFAULT_KV_STEP = 256
+# Widths of one-row tail prefills that replay graphs; longer tails run eagerly.
+TAIL_WIDTHS = (2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
 class Bucket:
     batch: int
     kv_len: int
+    width: int = 1
 
 
 # -- bucketing (pure) ----------------------------------------------------------------------------
@@ -76,7 +85,23 @@ def kv_buckets(max_seq_len: int, step: int = DEFAULT_KV_STEP) -> tuple[int, ...]
     return tuple(out)
 
 
+def width_bucket(width: int) -> int | None:
+    """The tail width bucket holding `width` tokens (1 for a decode step), or None if too wide."""
+    if width == 1:
+        return 1
+    return next((w for w in TAIL_WIDTHS if w >= width), None)
+
+
 # -- padding (tensors, no host sync) -------------------------------------------------------------
+def pad_columns(inputs: Inputs, width: int) -> Inputs:
+    """Repeat the last token up to `width` columns (positions past the row's: see above)."""
+    tokens, start_pos, slots = inputs
+    extra = width - tokens.shape[1]
+    if extra <= 0:
+        return inputs
+    return torch.cat([tokens, tokens[:, -1:].expand(-1, extra)], dim=1), start_pos, slots
+
+
 def pad_rows(inputs: Inputs, batch: int, pad_slot: int | None) -> Inputs:
     """Append `batch - B` pad rows that write only where no live row will read (see above)."""
     tokens, start_pos, slots = inputs
@@ -124,13 +149,13 @@ def _warm_up(step: Step, inputs: Inputs, kv_len: int) -> None:
 
 
 def make_step(model: Transformer, cache: AttentionCache, compile_mode: str | None = None) -> Step:
-    """The decode step as a function of the inputs; optionally through torch.compile."""
+    """The step (logits `[B, W, V]`) as a function of the inputs; optionally torch.compile'd."""
 
     def step(
         tokens: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
         logits: torch.Tensor = model(tokens, start_pos, cache, slots, kv_len)
-        return logits[:, -1]
+        return logits
 
     if compile_mode is None:
         return step
@@ -174,40 +199,71 @@ class GraphedDecoder:
         self, tokens: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
         """Next-token logits `[B, V]` (float32) of `tokens [B, 1]`, as `model(...)[:, -1]`."""
-        inputs = (tokens, start_pos, slots)
-        bucket = self.bucket_for(tokens.shape[0], kv_len, tokens.shape[1])
+        return self._forward((tokens, start_pos, slots), kv_len)[:, -1]
+
+    @torch.inference_mode()
+    def prefill_tail(
+        self, tokens: torch.Tensor, start: int, slot: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """Logits `[V]` of the last of `tokens [1, T]` written from position `start` of `slot`
+        (`[1]`): as `model(...)[0, -1]`. `kv_len` is at least `start + T`."""
+        start_pos = torch.full((1,), start, dtype=torch.long, device=tokens.device)
+        width, bucket = tokens.shape[1], None
+        tail = width_bucket(width)
+        if tail is not None and start + tail <= self.cache.max_seq_len:
+            bucket = self.bucket_for(1, kv_len, width)
+        return self._forward((tokens, start_pos, slot), kv_len, bucket)[0, width - 1]
+
+    def _forward(self, inputs: Inputs, kv_len: int, bucket: Bucket | None = None) -> torch.Tensor:
+        """Logits `[B, T, V]` of `inputs`, through the bucket's graph where there is one."""
+        tokens = inputs[0]
+        n, width = tokens.shape
+        if bucket is None and width == 1:
+            bucket = self.bucket_for(n, kv_len, width)
         if self.mode == "eager" or bucket is None:
             self.stats["eager"] += 1
             step = self._step if self.mode == "eager" else self._eager_step
             return step(*inputs, kv_len)
-        n, padded = tokens.shape[0], pad_rows(inputs, bucket.batch, self.pad_slot)
-        self.stats[self.mode] += 1
+        padded = pad_columns(pad_rows(inputs, bucket.batch, self.pad_slot), bucket.width)
+        self.stats[self.mode if width == 1 else f"{self.mode} tail"] += 1
         if self.mode == "padded":
-            return self._step(*padded, bucket.kv_len)[:n]
-        return self._graph(bucket, padded).run(padded)[:n].clone()
+            return self._step(*padded, bucket.kv_len)[:n, :width]
+        return self._graph(bucket, padded).run(padded)[:n, :width].clone()
 
     def bucket_for(self, rows: int, kv_len: int, width: int = 1) -> Bucket | None:
         """The bucket of a step, or None when it must run eagerly."""
         batch = next((b for b in self.buckets if b >= rows), None)
-        if width != 1 or batch is None or kv_len > self.cache.max_seq_len:
+        tail = width_bucket(width)
+        if tail is None or batch is None or kv_len > self.cache.max_seq_len:
             return None
+        if tail > 1 and rows != 1:
+            return None  # tails are one row: the engine prefills one request at a time
         if batch > rows and self.pad_slot is None and kv_len >= self.cache.max_seq_len:
             return None  # row 0 may sit at the last position: no dead position past it
-        return Bucket(batch, kv_bucket(kv_len, self.cache.max_seq_len, self.kv_step))
+        return Bucket(batch, kv_bucket(kv_len, self.cache.max_seq_len, self.kv_step), tail)
 
     @torch.inference_mode()
-    def capture(self, batch_sizes: Sequence[int] = (), max_kv_len: int | None = None) -> int:
+    def capture(
+        self,
+        batch_sizes: Sequence[int] = (),
+        max_kv_len: int | None = None,
+        tail_widths: Sequence[int] = (),
+    ) -> int:
         """Record graphs ahead of the first requests; returns how many are held.
 
-        Only while the cache holds nothing of value (engine start): the warm-ups write position
-        0 of `pad_slot` (or slot 0). Later buckets are recorded on first use, safely.
+        Only while the cache holds nothing of value (engine start): the warm-ups write the first
+        positions of `pad_slot` (or slot 0). Later buckets are recorded on first use, safely.
         """
         if self.mode != "graphs":
             return 0
         limit = min(max_kv_len or self.cache.max_seq_len, self.cache.max_seq_len)
-        for batch in batch_sizes or self.buckets:
+        shapes = [(batch, 1) for batch in batch_sizes or self.buckets]
+        shapes += [(1, width) for width in tail_widths]
+        for batch, width in shapes:
             for kv_len in kv_buckets(limit, self.kv_step):
-                self._graph(Bucket(batch, kv_len), self._dummy_inputs(batch))
+                if width <= kv_len:
+                    bucket = Bucket(batch, kv_len, width)
+                    self._graph(bucket, self._dummy_inputs(batch, width))
         return len(self._graphs)
 
     def _graph(self, bucket: Bucket, inputs: Inputs) -> _Graph:
@@ -219,10 +275,10 @@ class GraphedDecoder:
             log.debug("captured a decode graph for %s", bucket)
         return graph
 
-    def _dummy_inputs(self, batch: int) -> Inputs:
+    def _dummy_inputs(self, batch: int, width: int = 1) -> Inputs:
         device, slot = self.cache.device, self.pad_slot or 0
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
-        return zeros[:, None].clone(), zeros.clone(), zeros + slot
+        return zeros[:, None].expand(-1, width).clone(), zeros.clone(), zeros + slot
 
 
 def _resolve_mode(

@@ -36,6 +36,8 @@ hang and restarts.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -43,13 +45,15 @@ import torch
 
 from codellama_lsp.errors import ConfigError, WorkerError
 from codellama_lsp.model import parallel, sampling
-from codellama_lsp.model.cuda_graphs import GraphedDecoder
+from codellama_lsp.model.cuda_graphs import TAIL_WIDTHS, GraphedDecoder
 from codellama_lsp.model.engine_events import EngineFailure, FailureKind, failure
 from codellama_lsp.model.engine_memory import DEFAULT_KV_CACHE_FRACTION, pool_size
 from codellama_lsp.model.engine_slots import Placement, Slot, SlotTable
 from codellama_lsp.model.kv_pages import DEFAULT_PAGE_SIZE
 from codellama_lsp.model.transformer import Transformer
 from codellama_lsp.model.types import EngineRequest, Event, FinishEvent, FinishReason, TokenEvent
+
+log = logging.getLogger(__name__)
 
 # Prompts are prefilled in chunks of this many tokens: the logits of a chunk are [T, vocab]
 # float32 (2048 x 32016 x 4 bytes = 262 MB), so one long prompt cannot take all the memory.
@@ -58,6 +62,11 @@ DEFAULT_PREFILL_CHUNK = 2048
 # step is a new attention shape, and on an H200 each new shape cost ~30 ms (cuDNN plans) against
 # ~44 ms for a whole 7B decode step. Positions past a row's own are masked, so results are equal.
 KV_LEN_BUCKET = 256
+# Graphs of one row (decode and tails) are recorded at start for contexts up to this length;
+# longer ones, and batched steps past the first key bucket, on first use.
+DEFAULT_CAPTURE_KV_LEN = 4096
+# Prompt tails up to this many tokens are prefilled like a decode step (graphs on CUDA).
+MAX_GRAPHED_TAIL = TAIL_WIDTHS[-1]
 
 
 @dataclass
@@ -98,6 +107,8 @@ class Engine:
         kv_cache_tokens: int = 0,
         kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION,
         page_size: int = DEFAULT_PAGE_SIZE,
+        fast_kernels: bool | None = None,
+        capture_kv_len: int = DEFAULT_CAPTURE_KV_LEN,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ConfigError("the engine needs max_batch_size >= 1 and max_seq_len >= 2")
@@ -126,11 +137,39 @@ class Engine:
         # Decode steps replay CUDA graphs on one GPU (the same forward, bucketed shapes); on CPU
         # and across ranks the decoder runs the plain forward.
         self.decoder = GraphedDecoder(model, self.cache)
+        on_cuda = self.device.type == "cuda"
+        if on_cuda if fast_kernels is None else fast_kernels:
+            self._speed_up(min(capture_kv_len, max_seq_len), compile_ops=on_cuda)
         self.slots = SlotTable(max_batch_size)
         self._queue: deque[EngineRequest] = deque()
         self._running: dict[str, _Running] = {}  # in admission order: the newest is last
         self._cancels: set[str] = set()
         self._samples = parallel.model_parallel_rank() == 0
+
+    def _speed_up(self, capture_kv_len: int, compile_ops: bool) -> None:
+        """Fuse the projections, compile the elementwise kernels (CUDA) and record the common
+        graphs now, so that no request waits for them. Compilation needs Triton: without it (or
+        if anything here fails) the model keeps its eager kernels, which compute the same."""
+        self.model.fuse_projections()
+        self.model.use_compiled_ops(compile_ops)
+        started = time.monotonic()
+        try:
+            self._warm_up(capture_kv_len)
+        except Exception as exc:  # inductor and Triton raise many kinds
+            log.warning("compiled kernels unavailable, using eager ones: %s", exc)
+            self.model.use_compiled_ops(False)
+            self.decoder = GraphedDecoder(self.model, self.cache)
+            self._warm_up(capture_kv_len)
+        log.info("engine warm-up: %.1f s, %s", time.monotonic() - started, self.decoder.stats)
+
+    @torch.inference_mode()
+    def _warm_up(self, capture_kv_len: int) -> None:
+        # Nothing is cached yet and slot 0 holds no pages: these writes land on the scratch page.
+        n = min(8, self.max_seq_len)
+        tokens, zero = self._tensor([[1] * n]), self._tensor([0])
+        self.model(tokens, zero, self.cache, zero, n, start=0, last_only=True)  # prefill kernels
+        self.decoder.capture((1,), capture_kv_len, TAIL_WIDTHS)  # a keystroke's graphs
+        self.decoder.capture(self.decoder.buckets[1:], KV_LEN_BUCKET)  # compile batched steps
 
     # -- the public API --------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -329,15 +368,25 @@ class Engine:
         prompt_logprobs: list[float] = [0.0]
         start = run.position
         slots = self._tensor([run.slot.index])
+        tail = prompt[start:]
+        if not want_prompt_logprobs and len(tail) <= MAX_GRAPHED_TAIL:
+            # A keystroke's few new tokens after a reused prefix: one graph replay.
+            tokens, kv_len = self._tensor([list(tail)]), self._kv_len(len(prompt))
+            logits = self.decoder.prefill_tail(tokens, start, slots, kv_len)
+            run.slot.tokens.extend(tail)
+            return logits
         while True:
             chunk = prompt[start : start + self.prefill_chunk]
             end = start + len(chunk)
+            # The exact key length and the common start: attention runs a causal kernel.
             logits = self.model.forward(
                 self._tensor([list(chunk)]),
                 self._tensor([start]),
                 self.cache,
                 slots,
-                self._kv_len(end),
+                end,
+                start=start,
+                last_only=not want_prompt_logprobs,
             )[0]
             run.slot.tokens.extend(chunk)
             if want_prompt_logprobs:

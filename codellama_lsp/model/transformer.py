@@ -8,7 +8,7 @@ which must exist before it is built (`parallel.init_model_parallel` or `init_sin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,12 @@ from fairscale.nn.model_parallel.layers import (
     RowParallelLinear,
 )
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from codellama_lsp.errors import CheckpointError
-from codellama_lsp.model import parallel
+from codellama_lsp.model import fused, parallel
 from codellama_lsp.model.args import ModelArgs
+from codellama_lsp.model.fused import LayerOps
 from codellama_lsp.model.kv_cache import AttentionCache, KVCache
 from codellama_lsp.model.kv_pages import kv_bytes_per_token
 from codellama_lsp.model.paged_cache import PagedKVCache
@@ -109,10 +111,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As the reference: normalise in float32, cast back, then scale.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 def rope_table(head_dim: int, max_seq_len: int, theta: float, device: Any) -> torch.Tensor:
@@ -121,15 +120,6 @@ def rope_table(head_dim: int, max_seq_len: int, theta: float, device: Any) -> to
     freqs = 1.0 / (theta**exponents)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate `x [B, T, H, D]` by `rope [B, T, D/2, 2]`: adjacent pairs are complex numbers."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    return out.flatten(3).type_as(x)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -141,6 +131,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    wqkv: torch.Tensor | None
+
     def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype) -> None:
         super().__init__()
         world = parallel.model_parallel_world_size()
@@ -153,13 +145,22 @@ class Attention(nn.Module):
         self.wk = _Column(args.dim, kv_dim, dtype, gather_output=False)
         self.wv = _Column(args.dim, kv_dim, dtype, gather_output=False)
         self.wo = _Row(args.n_heads * args.head_dim, args.dim, dtype)
+        # wq, wk and wv side by side (see `fuse_projections`); not part of the state dict.
+        self.register_buffer("wqkv", None, persistent=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        h, h_kv, d = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = F.linear(x, self.wqkv).split([h * d, h_kv * d, h_kv * d], dim=-1)
+        return q.view(b, t, h, d), k.view(b, t, h_kv, d), v.view(b, t, h_kv, d)
 
     def forward(self, x: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(b, t, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(b, t, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
+        q, k, v = self.project(x)
+        q, k = ctx.ops.rope_qk(q, k, ctx.rope)
         keys, values = ctx.cache.update(self.layer_id, ctx.slots, ctx.start_pos, k, v, ctx.kv_len)
         n_rep = self.n_local_heads // self.n_local_kv_heads
         keys, values = repeat_kv(keys, n_rep), repeat_kv(values, n_rep)
@@ -168,20 +169,29 @@ class Attention(nn.Module):
             keys.transpose(1, 2).to(q.dtype),
             values.transpose(1, 2).to(q.dtype),
             attn_mask=ctx.mask,
+            is_causal=ctx.is_causal,
         )
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class FeedForward(nn.Module):
+    w13: torch.Tensor | None
+
     def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
         super().__init__()
         hidden = args.ffn_hidden_dim
         self.w1 = _Column(args.dim, hidden, dtype, gather_output=False)
         self.w2 = _Row(hidden, args.dim, dtype)
         self.w3 = _Column(args.dim, hidden, dtype, gather_output=False)
+        # w1 and w3 side by side (see `fuse_projections`); not part of the state dict.
+        self.register_buffer("w13", None, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return self.w2(ops.silu_mul(gate, up))
 
 
 class TransformerBlock(nn.Module):
@@ -192,25 +202,53 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype)
 
-    def forward(self, x: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), ctx)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(
+        self, h: torch.Tensor, pending: torch.Tensor, ctx: _StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's `h = x + attn(norm(x)); out = h + ffn(norm(h))`, with `x = h +
+        pending`: each residual add is done together with the norm that follows it (one kernel
+        when the ops are compiled). Returns `(out - ffn, ffn)`: the next block adds them."""
+        ops, eps = ctx.ops, self.attention_norm.eps
+        h, x = ops.add_rms_norm(h, pending, self.attention_norm.weight, eps)
+        h, x = ops.add_rms_norm(h, self.attention(x, ctx), self.ffn_norm.weight, eps)
+        return h, self.feed_forward(x, ops)
 
 
 class _StepContext:
-    """What every layer of one forward shares: rotary rows, mask, cache addressing."""
+    """What every layer of one forward shares: ops, rotary rows, mask, cache addressing."""
 
     def __init__(
         self,
+        ops: LayerOps,
         rope: torch.Tensor,
-        mask: torch.Tensor,
+        mask: Any,
         cache: AttentionCache,
         slots: torch.Tensor,
         start_pos: torch.Tensor,
         kv_len: int,
     ) -> None:
-        self.rope, self.mask, self.cache = rope, mask, cache
+        self.ops, self.rope, self.cache = ops, rope, cache
+        # A boolean mask tensor, a causal bias object, or None with `is_causal`.
+        self.mask, self.is_causal = mask, False
         self.slots, self.start_pos, self.kv_len = slots, start_pos, kv_len
+
+
+def _attention_mask(
+    positions: torch.Tensor, kv_len: int, t: int, start: int | None
+) -> tuple[Any, bool]:
+    """The mask of a forward, and whether it is plain causal (`is_causal`).
+
+    With `start` (every row starts there, the caller knows it: a prefill) and exactly the keys
+    up to the last query, queries see a causal pattern aligned at the bottom right: SDPA then
+    runs a flash/memory-efficient kernel instead of reading a `[T, kv_len]` mask.
+    """
+    if start is not None and kv_len == start + t:
+        if start == 0:
+            return None, True
+        return causal_lower_right(t, kv_len), False
+    keys = torch.arange(kv_len, device=positions.device)
+    # Row b's query t (at position p) sees the slot's keys 0..p, wherever the forward starts.
+    return (keys[None, None, :] <= positions[:, :, None])[:, None], False
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -235,6 +273,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i, dtype) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.output = _Column(args.dim, args.vocab_size, dtype, gather_output=True)
+        self.ops = LayerOps.eager()
         # Not persistent: the state dict keeps exactly Meta's names.
         self.register_buffer("freqs_cis", self._rope_on(self.norm.weight.device), persistent=False)
         # A meta build filled by load_state_dict(assign=True) gets real rotary tables afterwards.
@@ -284,24 +323,56 @@ class Transformer(nn.Module):
         cache: AttentionCache,
         slots: torch.Tensor,
         kv_len: int | None = None,
+        *,
+        start: int | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits `[B, T, V]` (float32) of `tokens [B, T]` at positions `start_pos[b] + t`.
 
         `kv_len` bounds the key positions attended to (at least `max(start_pos) + T`); give it
         as a Python int to keep the step free of host syncs, else it is read from `start_pos`.
+        `start`: every row's start position, when the caller knows it (a prefill); with `kv_len`
+        equal to `start + T` attention runs a causal kernel instead of a mask. `last_only`: the
+        logits of the last position only (`[B, 1, V]`), all a prefill without prompt logprobs
+        needs.
         """
         t = tokens.shape[1]
         if kv_len is None:
             kv_len = int(start_pos.max().item()) + t
         positions = start_pos[:, None] + torch.arange(t, device=tokens.device)
-        keys = torch.arange(kv_len, device=tokens.device)
-        # Row b's query t (at position p) sees the slot's keys 0..p, wherever the forward starts.
-        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
-        ctx = _StepContext(self.freqs_cis[positions], mask, cache, slots, start_pos, kv_len)
+        ctx = _StepContext(
+            self.ops, self.freqs_cis[positions], None, cache, slots, start_pos, kv_len
+        )
+        ctx.mask, ctx.is_causal = _attention_mask(positions, kv_len, t, start)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, ctx)
-        return self.output(self.norm(h)).float()  # type: ignore[no-any-return]
+        pending = torch.zeros_like(h)  # h + 0 is h exactly: the first block's add is a no-op
+        for layer in self.blocks():
+            h, pending = layer(h, pending, ctx)
+        if last_only:
+            h, pending = h[:, -1:], pending[:, -1:]
+        _, x = self.ops.add_rms_norm(h, pending, self.norm.weight, self.norm.eps)
+        return self.output(x).float()  # type: ignore[no-any-return]
+
+    def blocks(self) -> list[TransformerBlock]:
+        return [cast(TransformerBlock, layer) for layer in self.layers]
+
+    def use_compiled_ops(self, enabled: bool = True) -> None:
+        """Run the layers' elementwise work through torch.compile (CUDA; see `fused`)."""
+        self.ops = LayerOps.compiled_ops() if enabled else LayerOps.eager()
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate each layer's wq/wk/wv and w1/w3 shards: 4 matrix products per layer
+        instead of 7, each wider, which reads the weights closer to the copy rate at batch 1.
+
+        The separate weights become views into the fused ones, so memory does not grow and the
+        state dict keeps Meta's names. Call it after loading and placing the model: a later
+        `load_state_dict` or `.to()` would leave the fused copies stale.
+        """
+        for layer in self.blocks():
+            att, ffn = layer.attention, layer.feed_forward
+            att.wqkv = _fuse([att.wq, att.wk, att.wv])
+            ffn.w13 = _fuse([ffn.w1, ffn.w3])
 
     def _rope_on(self, device: torch.device) -> torch.Tensor:
         args = self.args
@@ -316,6 +387,17 @@ class Transformer(nn.Module):
         super()._apply(fn, recurse)
         self.reset_rope()
         return self
+
+
+def _fuse(linears: list[_Column]) -> torch.Tensor:
+    """One weight of the linears' rows stacked; each linear's weight becomes a view of it."""
+    fused_weight = torch.cat([m.weight for m in linears])
+    row = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(fused_weight[row : row + n], requires_grad=False)
+        row += n
+    return fused_weight
 
 
 def _rope_after_load(module: nn.Module, _incompatible: Any) -> None:

@@ -23,7 +23,12 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from codellama_lsp.errors import CheckpointError, ConfigError, WorkerError
+from codellama_lsp.errors import (
+    CheckpointChangedError,
+    CheckpointError,
+    ConfigError,
+    WorkerError,
+)
 from codellama_lsp.model import parallel
 from codellama_lsp.model.checkpoint import load_model
 from codellama_lsp.model.engine import Engine
@@ -136,6 +141,7 @@ def _load(conn: Connection, launch: Launch, settings: WorkerSettings) -> Engine:
         device=device,
         kv_cache_tokens=settings.kv_cache_tokens,
         kv_cache_fraction=settings.kv_cache_fraction,
+        fast_kernels=None if settings.fast_kernels else False,
     )
     parallel.barrier()  # Ready means every rank holds its shard
     info = ReadyInfo(
@@ -231,6 +237,14 @@ def run(conn: Connection, launch: Launch) -> None:
             parallel.shutdown()
 
 
+def is_fatal(exc: BaseException) -> bool:
+    """A bad checkpoint or setting stays bad after a restart; a checkpoint file that changed while
+    it was loaded may be whole again."""
+    if isinstance(exc, CheckpointChangedError):
+        return False
+    return isinstance(exc, CheckpointError | ConfigError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -240,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(conn, launch)
     except BaseException as exc:
-        fatal = isinstance(exc, (CheckpointError, ConfigError))
+        fatal = is_fatal(exc)
         message = f"rank {launch.rank}: {type(exc).__name__}: {exc}"
         with contextlib.suppress(Exception):
             conn.send(RankError(launch.rank, message, fatal, traceback.format_exc()))

@@ -22,6 +22,9 @@ class WorkerSettings:
     # this fraction of the memory left after the weights, else max_batch_size * max_seq_len.
     kv_cache_tokens: int = 0
     kv_cache_fraction: float = 0.9
+    # CUDA: fused projections, compiled elementwise kernels, graphs recorded at start (engine).
+    # False: the plain kernels (a fallback, and the comparison the benchmarks make).
+    fast_kernels: bool = True
     init_timeout_s: float = 120.0  # torch.distributed rendezvous and collectives
     load_timeout_s: float = 900.0  # spawn to Ready of every rank
     request_timeout_s: float = 120.0  # a request with no event this long fails (queued too)
@@ -72,6 +75,7 @@ def settings_from(config: Any, **overrides: Any) -> WorkerSettings:
             "max_batch_size",
             "kv_cache_tokens",
             "kv_cache_fraction",
+            "fast_kernels",
             "load_timeout_s",
             "request_timeout_s",
             "init_timeout_s",

@@ -1,0 +1,207 @@
+"""The fast paths of the forward, each against the plain one on CPU (float32).
+
+- fused projections (`Transformer.fuse_projections`): wq/wk/wv and w1/w3 as one product each;
+- the causal prefill (`start=`, exact `kv_len`): SDPA's causal kernels instead of a mask;
+- last-position logits (`last_only`);
+- tail prefills through the graph buckets (`GraphedDecoder.prefill_tail`, "padded" mode is
+  exactly what a graph records);
+- the engine with all of them and its start-up warm-up;
+- the compiled elementwise kernels (`fused.LayerOps.compiled_ops`), where a compiler exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from codellama_lsp.model import fused
+from codellama_lsp.model.cuda_graphs import GraphedDecoder, pad_columns, width_bucket
+from codellama_lsp.model.engine import Engine
+from codellama_lsp.model.engine_events import collect
+from codellama_lsp.model.random_checkpoint import TINY_ARGS, StateDict
+from codellama_lsp.model.transformer import Transformer, build_transformer
+from codellama_lsp.model.types import EngineRequest, Event, SamplingParams
+
+SEQ = 96
+_g = torch.Generator().manual_seed(5)
+PROMPT = torch.randint(3, 32000, (60,), generator=_g)
+
+
+@pytest.fixture
+def own_model(single_process: None, tiny_state_dict: StateDict) -> Transformer:
+    """A private copy of the tiny model: these tests fuse its weights."""
+    model = build_transformer(TINY_ARGS, device="meta", dtype=torch.float32, max_seq_len=512)
+    model.load_state_dict(tiny_state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def _ids(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+@torch.inference_mode()
+def _prefill_then_decode(model: Transformer) -> torch.Tensor:
+    """Logits of a 30-token prefill, a 10-token mid-cache chunk and 3 decode steps, stacked."""
+    cache = model.new_cache(2, SEQ)
+    out = [model(PROMPT[None, :30], _ids(0), cache, _ids(1), 30)[0]]
+    out.append(model(PROMPT[None, 30:], _ids(30), cache, _ids(1), 40)[0])
+    token = out[-1][-1:].argmax(-1)[None]
+    for pos in range(40, 43):
+        logits = model(token, _ids(pos), cache, _ids(1), pos + 1)[0]
+        out.append(logits)
+        token = logits.argmax(-1)[None]
+    return torch.cat(out)
+
+
+def test_fused_projections_compute_the_same_and_keep_metas_names(
+    own_model: Transformer, tiny_model: Transformer
+) -> None:
+    names = set(own_model.state_dict())
+    own_model.fuse_projections()
+    assert set(own_model.state_dict()) == names  # wqkv and w13 are not checkpoint weights
+    attention = own_model.blocks()[0].attention
+    assert attention.wqkv is not None
+    # The separate weights are views of the fused one: no second copy in memory.
+    assert attention.wk.weight.untyped_storage().data_ptr() == (
+        attention.wqkv.untyped_storage().data_ptr()
+    )
+    want, got = _prefill_then_decode(tiny_model), _prefill_then_decode(own_model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("start", [0, 24])
+@torch.inference_mode()
+def test_causal_prefill_and_last_only_equal_the_masked_forward(
+    tiny_model: Transformer, start: int
+) -> None:
+    masked, causal = tiny_model.new_cache(2, SEQ), tiny_model.new_cache(2, SEQ)
+    for cache in (masked, causal):
+        if start:  # the same cached prefix in slot 0
+            tiny_model(PROMPT[None, :start], _ids(0), cache, _ids(0), start)
+    chunk, end = PROMPT[None, start:], len(PROMPT)
+    want = tiny_model(chunk, _ids(start), masked, _ids(0), 80)  # a key bucket past the end
+    got = tiny_model(chunk, _ids(start), causal, _ids(0), end, start=start)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    last = tiny_model(chunk, _ids(start), causal, _ids(0), end, start=start, last_only=True)
+    assert last.shape == (1, 1, TINY_ARGS.vocab_size)
+    torch.testing.assert_close(last[0, 0], want[0, -1], rtol=1e-5, atol=1e-5)
+    for layer in range(TINY_ARGS.n_layers):
+        for a, b in zip(masked.layer(layer), causal.layer(layer), strict=True):
+            torch.testing.assert_close(a[0, :end], b[0, :end])
+
+
+def test_width_buckets_and_column_padding() -> None:
+    assert [width_bucket(w) for w in (1, 2, 3, 5, 8, 9, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, None]
+    tokens, pos, slots = pad_columns((torch.tensor([[4, 5, 6]]), _ids(7), _ids(2)), 8)
+    assert tokens.tolist() == [[4, 5, 6, 6, 6, 6, 6, 6]] and pos.tolist() == [7]
+    assert slots.tolist() == [2]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@torch.inference_mode()
+def test_tail_prefills_through_buckets_equal_the_plain_forward(
+    tiny_model: Transformer, paged: bool
+) -> None:
+    def new_cache():  # type: ignore[no-untyped-def]
+        if not paged:
+            return tiny_model.new_cache(3, SEQ)
+        cache = tiny_model.new_paged_cache(3, SEQ, n_pages=40, page_size=16)
+        for slot in range(3):
+            assert cache.reserve(slot, 0, SEQ)
+        return cache
+
+    plain, fast = new_cache(), new_cache()
+    other = PROMPT.flip(0)
+    for cache in (plain, fast):  # slot 1: a prefix; slot 2: another request's tokens
+        tiny_model(PROMPT[None, :20], _ids(0), cache, _ids(1), 20)
+        tiny_model(other[None, :30], _ids(0), cache, _ids(2), 30)
+    decoder = GraphedDecoder(tiny_model, fast, mode="padded")
+    start = 20
+    for width in (1, 3, 5, 16):  # buckets 1, 4, 8, 16: pad columns write past the tail
+        tail = PROMPT[None, start : start + width]
+        want = tiny_model(tail, _ids(start), plain, _ids(1), start + width)[0, -1]
+        got = decoder.prefill_tail(tail, start, _ids(1), start + width)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        start += width
+    assert decoder.stats["padded tail"] == 3 and decoder.stats["padded"] == 1
+    for layer in range(TINY_ARGS.n_layers):
+        for a, b in zip(plain.layer(layer), fast.layer(layer), strict=True):
+            if paged:  # compare through the page tables: the pools are laid out alike
+                a, b = a[plain.table()[:3, :3]], b[fast.table()[:3, :3]]
+                a, b = a.flatten(1, 2), b.flatten(1, 2)
+            torch.testing.assert_close(a[1, :start], b[1, :start])
+            assert torch.equal(a[2], b[2]), "another slot was written"
+    # Too close to max_seq_len for the pad columns: the plain forward runs instead.
+    assert decoder.bucket_for(1, SEQ, 3) is not None
+    before = decoder.stats["eager"]
+    decoder.prefill_tail(PROMPT[None, :3], SEQ - 3, _ids(1), SEQ)
+    assert decoder.stats["eager"] == before + 1
+
+
+class _PaddedEngine(Engine):
+    """The engine as on CUDA, with "padded" steps (what the graphs record) instead of graphs."""
+
+    def __init__(self, model: Transformer, **kwargs: object) -> None:
+        super().__init__(model, **kwargs)  # type: ignore[arg-type]
+        self.decoder = GraphedDecoder(model, self.cache, mode="padded")
+
+
+def _run(engine: Engine, requests: list[EngineRequest]) -> list[Event]:
+    events: list[Event] = []
+    for request in requests:
+        engine.add(request)
+        events += engine.step()
+    while engine.has_work():
+        events += engine.step()
+    return events
+
+
+def test_engine_fast_paths_generate_what_the_plain_engine_does(
+    own_model: Transformer, tiny_model: Transformer
+) -> None:
+    doc = tuple(PROMPT.tolist())
+    # A document typed on: each prompt extends the last by a few tokens (tails through the
+    # buckets), one long prompt in chunks (the causal prefill), and one with prompt logprobs.
+    prompts = [doc[:20], doc[:23], doc[:29], doc[:30], doc]
+    params = [SamplingParams(6), SamplingParams(5, temperature=0.7, seed=2)]
+    requests = [EngineRequest(f"r{i}", p, params[i % 2]) for i, p in enumerate(prompts)]
+    echo = SamplingParams(4, logprobs=True, echo=True)
+    requests.append(EngineRequest("echo", doc[:25], echo))
+    kwargs = {"max_batch_size": 2, "max_seq_len": SEQ, "device": "cpu", "prefill_chunk": 16}
+    plain = collect(_run(Engine(tiny_model, **kwargs), requests))  # type: ignore[arg-type]
+    fast_engine = _PaddedEngine(own_model, fast_kernels=True, **kwargs)
+    fast = collect(_run(fast_engine, requests))
+    assert own_model.blocks()[0].attention.wqkv is not None  # the warm-up fused them
+    assert {k: v.tokens for k, v in fast.items()} == {k: v.tokens for k, v in plain.items()}
+    torch.testing.assert_close(
+        fast["echo"].prompt_logprobs, plain["echo"].prompt_logprobs, rtol=1e-5, atol=1e-5
+    )
+    assert sum(v.cached_tokens for v in fast.values()) > 0  # prefix reuse happened
+    assert fast_engine.decoder.stats["padded tail"] > 0
+
+
+def test_the_engine_keeps_the_plain_kernels_on_cpu_by_default(own_model: Transformer) -> None:
+    Engine(own_model, max_batch_size=1, max_seq_len=SEQ, device="cpu")
+    assert own_model.blocks()[0].attention.wqkv is None and not own_model.ops.compiled
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="inductor on CPU needs a C compiler")
+@torch.inference_mode()
+def test_compiled_ops_compute_what_the_eager_ops_do() -> None:
+    g = torch.Generator().manual_seed(1)
+    eager, compiled = fused.LayerOps.eager(), fused.LayerOps.compiled_ops()
+    x, delta = torch.randn(2, 5, 64, generator=g), torch.randn(2, 5, 64, generator=g)
+    weight = torch.randn(64, generator=g)
+    q, k = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 5, 2, 16, generator=g)
+    table = torch.randn(2, 5, 8, 2, generator=g)
+    for name, args in [
+        ("rms_norm", (x, weight, 1e-5)),
+        ("add_rms_norm", (x, delta, weight, 1e-5)),
+        ("rope_qk", (q, k, table)),
+        ("silu_mul", (x, delta)),
+    ]:
+        want, got = getattr(eager, name)(*args), getattr(compiled, name)(*args)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
