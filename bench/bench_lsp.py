@@ -6,6 +6,11 @@ and an automatic inlineCompletion at the cursor and waits for the answer (deboun
 client sends at once and the server's debounceMs is 0). Reported: latency p50/p95 over the
 keystrokes (the first, cold one apart) and the share of answers that stayed on one line.
 
+Random weights never end a line, so every answer runs to `maxTokensSingleLine` (48). A second
+session ("_line" figures) caps answers at the median token count of what a correct answer would
+be (the rest of the retyped line and its newline, over the keystrokes): the work a model that
+stops at the end of the line does.
+
     python bench/bench_lsp.py --ckpt-dir /tmp/bench/7b --json results.json
     python bench/bench_lsp.py --tiny --ckpt-dir /tmp/bench/tiny --device cpu    # smoke test
 """
@@ -139,24 +144,40 @@ def replay(client: Client, strokes: list[tuple[str, dict[str, int]]]) -> list[tu
     return out
 
 
-def server_command(run: argparse.Namespace) -> list[str]:
+def line_answer_tokens(lines: list[str], target: int, tokenizer: Tokenizer) -> int:
+    """Median tokens of a correct single-line answer over the keystrokes: the line's rest."""
+    line = lines[target]
+    indent = len(line) - len(line.lstrip())
+    counts = [
+        len(tokenizer.encode(line[end:] + "\n", bos=False, eos=False))
+        for end in range(indent + 1, len(line) + 1)
+    ]
+    return max(1, int(statistics.median(counts)))
+
+
+def server_command(run: argparse.Namespace, answer_tokens: int | None) -> list[str]:
     command = [sys.executable, "-m", "codellama_lsp", "serve", "--ckpt-dir", str(run.ckpt_dir)]
     command += ["--device", run.device, "--dtype", "float32" if run.tiny else "bfloat16"]
-    settings = {"completion": {"debounceMs": 0}, "model": {"maxSeqLen": 4096, "maxBatchSize": 4}}
+    completion: dict[str, Any] = {"debounceMs": 0}
+    if answer_tokens is not None:
+        completion["maxTokensSingleLine"] = answer_tokens
+    settings = {"completion": completion, "model": {"maxSeqLen": 4096, "maxBatchSize": 4}}
     return [*command, "--settings", json.dumps(settings)]
 
 
-def session(run: argparse.Namespace, out: Results) -> None:
-    lines, target = cut_document(
-        run.source.read_text(), Tokenizer(run.ckpt_dir / "tokenizer.model"), run.context_tokens
-    )
-    client = Client(server_command(run), run.server_log)
+def session(run: argparse.Namespace, out: Results, line_budget: bool) -> None:
+    tokenizer = Tokenizer(run.ckpt_dir / "tokenizer.model")
+    lines, target = cut_document(run.source.read_text(), tokenizer, run.context_tokens)
+    answer_tokens = line_answer_tokens(lines, target, tokenizer) if line_budget else None
+    suffix = "_line" if line_budget else ""
+    client = Client(server_command(run, answer_tokens), run.server_log)
     try:
         client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {}})
         client.notify("initialized", {})
         start = time.perf_counter()
         state = client.wait_ready(run.ready_timeout)
-        out.add("lsp_ready", time.perf_counter() - start, "s", None, f"status {state}")
+        ready = time.perf_counter() - start
+        out.add(f"lsp_ready{suffix}", ready, "s", None, f"status {state}")
         answers = replay(client, keystrokes(lines, target))
         client.request("shutdown", None)
         client.notify("exit", None)
@@ -164,7 +185,8 @@ def session(run: argparse.Namespace, out: Results) -> None:
         if client.proc.poll() is None:
             client.proc.terminate()
         client.proc.wait(timeout=60)
-    report(answers, server_outcomes(run.server_log), out)
+    budget = f"answers capped at {answer_tokens} tokens" if answer_tokens else "48-token answers"
+    report(answers, server_outcomes(run.server_log), out, suffix, budget)
 
 
 def server_outcomes(log: Path) -> list[str]:
@@ -177,7 +199,9 @@ def server_outcomes(log: Path) -> list[str]:
     return outcomes
 
 
-def report(answers: list[tuple[float, str]], outcomes: list[str], out: Results) -> None:
+def report(
+    answers: list[tuple[float, str]], outcomes: list[str], out: Results, suffix: str, budget: str
+) -> None:
     """p50/p95 of the keystrokes the model answered (the server's answer cache apart)."""
     known = len(outcomes) == len(answers)
     model = (
@@ -185,16 +209,17 @@ def report(answers: list[tuple[float, str]], outcomes: list[str], out: Results) 
     )
     warm = sorted(seconds for seconds, _ in model[1:])
     one_line = sum("\n" not in text.strip("\n") for _, text in answers)
-    note = f"{len(warm)} model-answered keystrokes after the first; {one_line}/{len(answers)} "
+    note = f"{budget}; {len(warm)} model-answered keystrokes after the first; "
+    note += f"{one_line}/{len(answers)} "
     note += "one-line answers; " + (
         f"{outcomes.count('cache')} answered from the server's cache"
         if known
         else "outcomes unknown (no request log)"
     )
-    out.add("lsp_inline_cold_first", answers[0][0] * 1e3, "ms")
-    out.add("lsp_inline_p50", statistics.median(warm) * 1e3, "ms", None, note)
+    out.add(f"lsp_inline_cold_first{suffix}", answers[0][0] * 1e3, "ms")
+    out.add(f"lsp_inline_p50{suffix}", statistics.median(warm) * 1e3, "ms", None, note)
     p95 = warm[min(len(warm) - 1, int(0.95 * len(warm)))]
-    out.add("lsp_inline_p95", p95 * 1e3, "ms", None, note)
+    out.add(f"lsp_inline_p95{suffix}", p95 * 1e3, "ms", None, note)
 
 
 def main() -> None:
@@ -205,7 +230,8 @@ def main() -> None:
     if not (REPO / "codellama_lsp" / "lsp" / "server.py").is_file():
         print("bench_lsp: the language server (codellama_lsp/lsp/server.py) does not exist yet")
         return
-    session(run, out)
+    session(run, out, line_budget=False)
+    session(run, out, line_budget=True)
     out.finish()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import ceilings
@@ -47,7 +48,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="kernel table of a decode step")
     parser.add_argument("--batches", default=None, help="decode batches, e.g. 1,16")
     parser.add_argument("--exact-batches", default=None, help="greedy-agreement batches")
-    parser.add_argument("--skip", default="", help="comma list: prefill,decode,engine")
+    parser.add_argument("--skip", default="", help="comma list: prefill,decode,engine,fast")
     return parser.parse_args()
 
 
@@ -93,26 +94,32 @@ def linear_params(plan: Plan) -> int:
 
 
 def section_prefill(
-    model: Transformer, plan: Plan, device: torch.device, flops: float, out: Results
+    model: Transformer, plan: Plan, device: torch.device, flops: float, out: Results, fast: bool
 ) -> None:
+    """`fast`: as the engine prefills (causal kernel, last position's logits, the model's fast
+    kernels); else the plain forward (a `[T, T]` mask, logits of every position)."""
     for t in plan.prefill_lengths:
-        seconds = _time_prefill(model, t, device)
+        seconds = _time_prefill(model, t, device, fast)
         a = plan.args
         floor = (2 * t * linear_params(plan) + 2 * a.n_layers * a.dim * t * t) / flops
         note = f"{t / seconds:.0f} tok/s; floor {floor * 1e3:.1f} ms"
-        out.add(f"prefill_{plan.shape}_{t}", seconds * 1e3, "ms", 100 * floor / seconds, note)
+        name = f"prefill_{plan.shape}_{t}" + ("_fast" if fast else "")
+        out.add(name, seconds * 1e3, "ms", 100 * floor / seconds, note)
         _free(device)
 
 
 @torch.inference_mode()
-def _time_prefill(model: Transformer, t: int, device: torch.device) -> float:
-    """Median seconds of one forward of `t` tokens from position 0 (logits of every position)."""
+def _time_prefill(model: Transformer, t: int, device: torch.device, fast: bool) -> float:
+    """Median seconds of one forward of `t` tokens from position 0."""
     cache = model.new_cache(1, t)
     tokens = torch.randint(3, 32000, (1, t), device=device)
     zero = torch.zeros(1, dtype=torch.long, device=device)
-    return median_time(
-        lambda: model(tokens, zero, cache, zero, kv_len=t), device, 3 if t <= 4096 else 1
-    )
+    if fast:
+        model(tokens, zero, cache, zero, t, start=0, last_only=True)  # compile this shape first
+        step = lambda: model(tokens, zero, cache, zero, t, start=0, last_only=True)  # noqa: E731
+    else:
+        step = lambda: model(tokens, zero, cache, zero, kv_len=t)  # noqa: E731
+    return median_time(step, device, 3 if t <= 4096 else 1)
 
 
 # -- decode ----------------------------------------------------------------------------------------
@@ -130,7 +137,8 @@ def section_decode(
     out: Results,
     run: argparse.Namespace,
 ) -> dict[int, tuple[float, float]]:
-    """Decode tok/s eager beside the fast path; greedy agreement; the plain loop; extras."""
+    """Decode tok/s eager beside graphs; greedy agreement; the plain loop; extras. Returns the
+    batch-1 step times and what the fast section needs (the cache, first tokens, eager runs)."""
     length = plan.decode_ctx + max(plan.decode_steps, plan.exact_steps) + 1
     cache = model.new_cache(plan.max_batch, length)
     decoder = GraphedDecoder(model, cache, mode="graphs" if device.type == "cuda" else "padded")
@@ -144,8 +152,11 @@ def section_decode(
         pair = (("eager", eager), (decoder.mode, decoder.decode))
         step_s[b] = _decode_pair(plan, b, pair, first, copy_rate, out)
     padded = GraphedDecoder(model, cache, mode="padded").decode
+    eager_runs = {}
     for b in plan.exact_batches:
-        _agreement(plan, b, ("eager", eager), (decoder.mode, decoder.decode), first, out)
+        eager_runs[b] = _agreement(
+            plan, b, ("eager", eager), (decoder.mode, decoder.decode), first, out
+        )
         if decoder.mode == "graphs":  # same shapes, same kernels: must be bitwise equal
             _agreement(plan, b, ("padded", padded), ("graphs", decoder.decode), first, out)
     _reference_loop(model, cache, plan, prompts, copy_rate, out)
@@ -153,7 +164,66 @@ def section_decode(
         profile_step.run(padded, first, plan.decode_ctx, out, plan.shape)
     if run.compile:
         _compiled(model, cache, plan, first, run.compile, copy_rate, out)
-    return step_s
+    return DecodeState(step_s, cache, first, eager_runs)
+
+
+@dataclass
+class DecodeState:
+    step_s: dict[int, tuple[float, float]]  # batch -> (eager, graphed) seconds per step
+    cache: KVCache
+    first: torch.Tensor
+    eager_runs: dict[int, loops.Run]  # the plain kernels' greedy runs, for agreement
+
+
+def section_fast(
+    model: Transformer, plan: Plan, device: torch.device, state: DecodeState, copy_rate, out
+) -> float | None:
+    """The engine's fast kernels: fused projections, compiled elementwise ops, graphs. Decode
+    tok/s per batch and greedy agreement with the plain eager runs of the decode section.
+    Returns the batch-1 step's seconds."""
+    seconds = wall(lambda: _make_fast(model, device), device)
+    out.add(f"fast_setup_{plan.shape}", seconds, "s", note="fuse projections + compile a prefill")
+    decoder = GraphedDecoder(
+        model, state.cache, mode="graphs" if device.type == "cuda" else "padded"
+    )
+    seconds = wall(lambda: decoder.capture((1,), state.cache.max_seq_len), device)
+    out.add(
+        f"fast_capture_b1_{plan.shape}",
+        seconds,
+        "s",
+        note=f"{decoder.stats['captured']} graphs, compile included",
+    )
+    kv = plan.decode_ctx + plan.decode_steps / 2
+    step_b1 = None
+    for b in plan.decode_batches:
+        loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, 2)  # warm-up, compile
+        run = loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, plan.decode_steps)
+        tok_s = b * plan.decode_steps / run.seconds
+        floor = decode_floor_tok_s(plan, b, kv, copy_rate)
+        ms = run.seconds / plan.decode_steps * 1e3
+        step_b1 = ms / 1e3 if b == 1 else step_b1
+        note = f"{ms:.2f} ms/step; ctx {plan.decode_ctx}"
+        if b in state.step_s:
+            note += f"; {state.step_s[b][1] * 1e3 / ms:.2f}x plain graphs"
+        out.add(f"decode_{plan.shape}_b{b}_fast", tok_s, "tok/s", 100 * tok_s / floor, note)
+    for b, eager_run in state.eager_runs.items():
+        fast = loops.decode(
+            decoder.decode, state.first[:b], plan.decode_ctx, plan.exact_steps, keep=True
+        )
+        agreement = loops.compare(eager_run, fast)
+        value = 100 * (agreement.rows_equal + agreement.ties) / agreement.rows
+        note = f"{plan.exact_steps} greedy steps: {agreement.summary()}"
+        out.add(f"greedy_fast_vs_eager_{plan.shape}_b{b}", value, "% rows", None, note)
+    return step_b1
+
+
+def _make_fast(model: Transformer, device: torch.device) -> None:
+    model.fuse_projections()
+    model.use_compiled_ops(device.type == "cuda")
+    tokens = torch.randint(3, 32000, (1, 16), device=device)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        model(tokens, zero, model.new_cache(1, 16), zero, 16, start=0, last_only=True)
 
 
 def _decode_pair(plan, b, pair, first, copy_rate, out: Results) -> tuple[float, float]:
@@ -179,13 +249,14 @@ def _agreement(
     fast: tuple[str, Step],
     first: torch.Tensor,
     out: Results,
-) -> None:
+) -> loops.Run:
     r = loops.decode(ref[1], first[:b], plan.decode_ctx, plan.exact_steps, keep=True)
     f = loops.decode(fast[1], first[:b], plan.decode_ctx, plan.exact_steps, keep=True)
     agreement = loops.compare(r, f)
     value = 100 * (agreement.rows_equal + agreement.ties) / agreement.rows
     note = f"{plan.exact_steps} greedy steps: {agreement.summary()}"
     out.add(f"greedy_{fast[0]}_vs_{ref[0]}_{plan.shape}_b{b}", value, "% rows", None, note)
+    return r
 
 
 def _reference_loop(
@@ -237,13 +308,31 @@ def main() -> None:
     ceilings.record(out, limits, shape == "tiny")
     model = section_load(run, plan, device, out)
     skip = set(run.skip.split(","))
+    flops, copy_rate = limits.matmul_flops_per_s, limits.copy_bytes_per_s
+    # The plain kernels first: the fast section fuses the model's weights for good.
     if "prefill" not in skip:
-        section_prefill(model, plan, device, limits.matmul_flops_per_s, out)
-    steps = {}
+        section_prefill(model, plan, device, flops, out, fast=False)
+    state = None
     if "decode" not in skip:
-        steps = section_decode(model, plan, device, limits.copy_bytes_per_s, out, run)
+        state = section_decode(model, plan, device, copy_rate, out, run)
+    step_b1 = None if state is None else state.step_s.get(1)
     if "engine" not in skip:
-        engine_bench.run(model, plan, device, steps.get(1), out)
+        engine_bench.run(model, plan, device, step_b1, out, fast=False)
+    if "fast" in skip:
+        out.finish()
+        return
+    if state is not None:
+        fast_b1 = section_fast(model, plan, device, state, copy_rate, out)
+        if step_b1 is not None and fast_b1 is not None:
+            step_b1 = (step_b1[0], fast_b1)
+        del state
+        _free(device)
+    else:
+        _make_fast(model, device)
+    if "prefill" not in skip:
+        section_prefill(model, plan, device, flops, out, fast=True)
+    if "engine" not in skip:
+        engine_bench.run(model, plan, device, step_b1, out, fast=True)
     out.finish()
 
 

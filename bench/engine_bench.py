@@ -1,5 +1,5 @@
-"""The continuous-batching engine in-process: prefix-reuse time to first token, and aggregate
-decode throughput as the engine stands (eager) beside the proposed fast path (`FastEngine`)."""
+"""The continuous-batching engine in-process: prefix-reuse time to first token and aggregate
+decode throughput, with the plain kernels and with the fast ones (`Engine(fast_kernels=...)`)."""
 
 from __future__ import annotations
 
@@ -10,35 +10,22 @@ import torch
 from common import Results, sync
 from plan import Plan
 
-from codellama_lsp.model.cuda_graphs import GraphedDecoder
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.transformer import Transformer
 from codellama_lsp.model.types import EngineRequest, Event, FinishEvent, SamplingParams, TokenEvent
 
 
-class FastEngine(Engine):
-    """The engine with its decode forward through GraphedDecoder: the proposed one-line change."""
+def run(
+    model: Transformer, plan: Plan, device: torch.device, step_s, out: Results, fast: bool
+) -> None:
+    """The engine with its fast kernels (`fast`) or the plain ones (graphs either way on CUDA).
 
-    def __init__(self, model: Transformer, **kwargs: object) -> None:
-        super().__init__(model, **kwargs)  # type: ignore[arg-type]
-        self.decoder = GraphedDecoder(model, self.cache)
-        self.decoder.capture(max_kv_len=self.max_seq_len)  # at start: the cache holds nothing
-
-    def _decode_forward(self, rows):  # type: ignore[no-untyped-def]
-        tokens = self._tensor([[run.pending] for run in rows])
-        start_pos = self._tensor([run.position for run in rows])
-        slots = self._tensor([run.slot.index for run in rows])
-        kv_len = max(run.position for run in rows) + 1
-        return self.decoder.decode(tokens, start_pos, slots, kv_len)
-
-
-def run(model: Transformer, plan: Plan, device: torch.device, step_s, out: Results) -> None:
-    """`step_s`: (eager, graphed) seconds per decode step at batch 1, from the decode section."""
-    prefix_reuse(model, plan, device, step_s, out)
-    for cls in (Engine, FastEngine):
-        aggregate(cls, model, plan, device, out)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    `step_s`: seconds per batch-1 decode step (eager, graphed) from the decode section."""
+    label = "fast" if fast else "graphs"
+    prefix_reuse(model, plan, device, step_s, out, fast, label)
+    aggregate(model, plan, device, out, fast, label)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _ttft(engine: Engine, request: EngineRequest, device: torch.device) -> tuple[float, int]:
@@ -56,13 +43,17 @@ def _ttft(engine: Engine, request: EngineRequest, device: torch.device) -> tuple
     return first, cached
 
 
-def prefix_reuse(model: Transformer, plan: Plan, device: torch.device, step_s, out) -> None:
-    engine = Engine(model, max_batch_size=2, max_seq_len=plan.reuse_prompt + 64, device=device)
+def prefix_reuse(
+    model: Transformer, plan: Plan, device: torch.device, step_s, out, fast: bool, label: str
+) -> None:
+    seq = plan.reuse_prompt + 64
+    engine = Engine(model, max_batch_size=2, max_seq_len=seq, device=device, fast_kernels=fast)
     doc = torch.randint(3, 32000, (plan.reuse_prompt + 16,)).tolist()
     one = SamplingParams(max_gen_len=1)
     _ttft(engine, EngineRequest("warm-up", tuple(doc[:64]), one), device)
     cold, _ = _ttft(engine, EngineRequest("cold", tuple(doc[: plan.reuse_prompt]), one), device)
-    out.add(f"ttft_cold_{plan.shape}_{plan.reuse_prompt}", cold * 1e3, "ms", note="engine, eager")
+    note = f"engine, {label} kernels"
+    out.add(f"ttft_cold_{plan.shape}_{plan.reuse_prompt}_{label}", cold * 1e3, "ms", note=note)
     warm, cached = [], 0
     for i in range(1, 4):  # three keystrokes, each adding a few tokens to the same document
         n = plan.reuse_prompt + i * plan.reuse_tail
@@ -71,9 +62,9 @@ def prefix_reuse(model: Transformer, plan: Plan, device: torch.device, step_s, o
     note = f"cached {cached} tokens; {cold / statistics.median(warm):.1f}x faster than cold"
     if step_s:
         note += f"; = {statistics.median(warm) / step_s[0]:.1f} eager / "
-        note += f"{statistics.median(warm) / step_s[1]:.1f} graphed decode steps"
+        note += f"{statistics.median(warm) / step_s[1]:.1f} graphed decode steps of this section"
     out.add(
-        f"ttft_reuse_{plan.shape}_+{plan.reuse_tail}",
+        f"ttft_reuse_{plan.shape}_+{plan.reuse_tail}_{label}",
         statistics.median(warm) * 1e3,
         "ms",
         None,
@@ -81,11 +72,13 @@ def prefix_reuse(model: Transformer, plan: Plan, device: torch.device, step_s, o
     )
 
 
-def aggregate(cls: type[Engine], model: Transformer, plan: Plan, device: torch.device, out) -> None:
+def aggregate(
+    model: Transformer, plan: Plan, device: torch.device, out, fast: bool, label: str
+) -> None:
     """`max_batch` requests at once; tokens/s of the decode steps after they were all admitted."""
     b = plan.max_batch
     seq = plan.decode_ctx + plan.engine_gen + 8
-    engine = cls(model, max_batch_size=b, max_seq_len=seq, device=device)
+    engine = Engine(model, max_batch_size=b, max_seq_len=seq, device=device, fast_kernels=fast)
     for i in range(b):
         prompt = tuple(torch.randint(3, 32000, (plan.decode_ctx,)).tolist())
         engine.add(EngineRequest(f"r{i}", prompt, SamplingParams(max_gen_len=plan.engine_gen)))
@@ -94,9 +87,8 @@ def aggregate(cls: type[Engine], model: Transformer, plan: Plan, device: torch.d
     start = time.perf_counter()
     tokens = _drain(engine, None)
     seconds = time.perf_counter() - start
-    name = "eager" if cls is Engine else "graphs"
     note = f"{b} requests, {plan.engine_gen} tokens each, host sync per step included"
-    out.add(f"engine_{plan.shape}_b{b}_{name}", tokens / seconds, "tok/s", None, note)
+    out.add(f"engine_{plan.shape}_b{b}_{label}", tokens / seconds, "tok/s", None, note)
 
 
 def _drain(engine: Engine, steps: int | None) -> int:

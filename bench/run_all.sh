@@ -5,7 +5,7 @@
 #   bash bench/run_all.sh                  # 7B and 13B, full step counts
 #   bash bench/run_all.sh --tiny           # CPU smoke run of every script
 # Options: --models "7b 13b"  --compile MODE (also time torch.compile's decode step)
-#          --skip-tests  --skip-worker  --skip-lsp
+#          --skip-tests  --skip-worker  --skip-lsp  --skip-memory
 # On the device machine, first copy the tokenizer here: .bench-assets/codellama-tokenizer.model
 # (../shared does not travel), and carry [".whl", ".bench-assets"].
 set -uo pipefail
@@ -14,16 +14,17 @@ OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log") 2>&1
 
-quick="" models="7b 13b" compile="" tiny="" tests=1 worker=1 lsp=1 limit=600
+quick="" models="7b 13b" compile="" tiny="" tests=1 worker=1 lsp=1 memory=1 limit=600
 while [ $# -gt 0 ]; do
   case $1 in
-    --quick) quick="--quick"; models="7b"; limit=200 ;;
+    --quick) quick="--quick"; models="7b"; limit=420 ;;
     --tiny) tiny="--tiny"; models="tiny" ;;
     --models) models=$2; shift ;;
     --compile) compile="--compile $2"; shift ;;
     --skip-tests) tests=0 ;;
     --skip-worker) worker=0 ;;
     --skip-lsp) lsp=0 ;;
+    --skip-memory) memory=0 ;;
     *) echo "unknown option $1"; exit 2 ;;
   esac
   shift
@@ -48,8 +49,8 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, keep going on f
   timeout "$limit" "$@" || echo "=== $name FAILED or timed out (exit $?)"
 }
 
-[ $tests = 1 ] && step 90 "GPU tests" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_cuda_graphs.py
+[ $tests = 1 ] && step 240 "GPU tests" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_cuda_graphs.py tests/test_fast_paths.py
 step 60 ceilings python3 bench/ceilings.py --device $device $tiny --json "$RESULTS"
 for m in $models; do
   flag="--model $m"; [ "$m" = tiny ] && flag="--tiny"
@@ -62,4 +63,6 @@ first=${models%% *}
   --device $device --ckpt-dir "$CKPT/$first" --json "$RESULTS"
 [ $lsp = 1 ] && step $((limit / 2)) "lsp $first" python3 bench/bench_lsp.py $tiny --device $device \
   --ckpt-dir "$CKPT/$first" --server-log "$OUT/lsp_server.log" --json "$RESULTS"
+[ $memory = 1 ] && step $((limit / 2)) "memory $first" python3 bench/bench_memory.py $tiny \
+  --device $device --ckpt-dir "$CKPT/$first" --json "$RESULTS"
 echo "=== done ($(date -u +%T)); records in $RESULTS"

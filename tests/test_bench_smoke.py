@@ -27,6 +27,8 @@ def test_bench_model_tiny_on_cpu(tmp_path: Path, tokenizer_path: Path) -> None:
     assert all(r.keys() >= FIELDS for r in records)
     for figure in ("ceiling_copy_read_plus_write", "load_tiny_page-cache", "prefill_tiny_64"):
         assert figure in names
-    assert {"decode_tiny_b4_eager", "decode_tiny_b4_padded", "ttft_reuse_tiny_+4"} <= names
+    assert {"decode_tiny_b4_eager", "decode_tiny_b4_padded", "ttft_reuse_tiny_+4_graphs"} <= names
+    assert {"prefill_tiny_64_fast", "decode_tiny_b4_fast", "ttft_reuse_tiny_+4_fast"} <= names
+    assert {"engine_tiny_b4_graphs", "engine_tiny_b4_fast", "greedy_fast_vs_eager_tiny_b3"} <= names
     agreement = [r for r in records if r["name"].startswith("greedy_")]
     assert agreement and all(r["value"] == 100.0 for r in agreement)

@@ -205,3 +205,28 @@ def test_compiled_ops_compute_what_the_eager_ops_do() -> None:
     ]:
         want, got = getattr(eager, name)(*args), getattr(compiled, name)(*args)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_fast_kernels_on_cuda_generate_what_the_plain_kernels_do(
+    single_process: None, tiny_state_dict: StateDict
+) -> None:
+    """Graphs, compiled kernels and fused weights on a GPU (float32: no ties to excuse)."""
+
+    def cuda_model() -> Transformer:
+        model = build_transformer(TINY_ARGS, device="meta", dtype=torch.float32, max_seq_len=512)
+        model.load_state_dict(tiny_state_dict, strict=True, assign=True)
+        return model.to("cuda").eval()
+
+    doc = tuple(PROMPT.tolist())
+    prompts = [doc[:20], doc[:23], doc[:29], doc[:30], doc]
+    requests = [EngineRequest(f"r{i}", p, SamplingParams(8)) for i, p in enumerate(prompts)]
+    kwargs = {"max_batch_size": 2, "max_seq_len": SEQ, "device": "cuda", "prefill_chunk": 16}
+    plain = collect(_run(Engine(cuda_model(), fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
+    fast_engine = Engine(cuda_model(), fast_kernels=True, **kwargs)  # type: ignore[arg-type]
+    assert fast_engine.model.ops.compiled, "torch.compile failed: see the engine's warning"
+    fast = collect(_run(fast_engine, requests))
+    assert {k: v.tokens for k, v in fast.items()} == {k: v.tokens for k, v in plain.items()}
+    stats = fast_engine.decoder.stats
+    assert stats["graphs"] > 0 and stats["graphs tail"] > 0, stats
