@@ -16,6 +16,11 @@ class CheckpointError(CodeLlamaError):
     """A checkpoint folder is missing, incomplete, corrupt or inconsistent."""
 
 
+class CheckpointChangedError(CheckpointError):
+    """A checkpoint file changed (truncated, deleted, replaced) while it was loaded; loading again
+    may succeed once the files are whole."""
+
+
 class TokenizerError(CheckpointError):
     """The tokenizer file is missing, unreadable or disagrees with the model."""
 
