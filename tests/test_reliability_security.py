@@ -18,9 +18,11 @@ no_document_text).
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import os
 import stat
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +30,10 @@ from typing import Any
 
 import pytest
 from lsprotocol import types as t
-from test_lsp_support import inline, open_doc, running_server, server_command
+from test_lsp_support import Session, inline, open_doc, running_server, server_command
 
 import codellama_lsp
+from codellama_lsp.lsp.explanations import FOLDER_PREFIX
 
 pytestmark = [pytest.mark.slow]
 
@@ -137,6 +140,13 @@ if _path:
 """
 
 
+def assert_private(path: Path) -> None:
+    """A file only its owner (this user) can read, in a folder only they can enter."""
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert path.parent.stat().st_uid == os.getuid()
+
+
 def read_audit(directory: Path) -> list[dict[str, Any]]:
     records = []
     for path in directory.glob("audit.log.*"):
@@ -200,19 +210,16 @@ async def test_serving_reads_and_writes_nothing_but_its_own_and_connects_nowhere
             done: Any = await session.client.workspace_execute_command_async(request)
             answers.append(done.get("markdown", ""))
         explain = session.client.shown_documents[-1].uri
+        # The Explain document: private, outside the workspace (removed at exit: see below).
+        explain_path = Path(explain.removeprefix("file://"))
+        assert_private(explain_path)
+        assert not _inside(str(explain_path.resolve()), [str(workspace.resolve())])
         edits: list[Any] = [e.edit.document_changes for e in session.edits.edits]
         answers += [changes[0].edits[0].new_text for changes in edits]
     records = read_audit(audit_dir)
     assert records, "the audit hook did not run"
     pids = {r["pid"] for r in records}
     assert len(pids) >= 2  # the server and its rank
-
-    # The Explain document: private, outside the workspace.
-    explain_path = Path(explain.removeprefix("file://"))
-    assert not _inside(str(explain_path.resolve()), [str(workspace.resolve())])
-    assert stat.S_IMODE(explain_path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(explain_path.parent.stat().st_mode) == 0o700
-    assert explain_path.parent.stat().st_uid == os.getuid()
 
     # Files: no document (or anything else of the workspace) and nothing outside is read; the
     # only file written is the Explain document (the audit logs were opened before the hook).
@@ -248,6 +255,7 @@ async def test_serving_reads_and_writes_nothing_but_its_own_and_connects_nowhere
     own = [str(explain_path.parent.resolve()), "/dev"]
     assert [p for p in writes - probes if not _inside(p, own)] == []
     assert str(explain_path.resolve()) in writes
+    assert not explain_path.parent.exists()  # the server removed its folder when it ended
 
     # Network: only loopback (the ranks' rendezvous) or local sockets.
     assert any(r["event"] == "socket.bind" for r in records)  # the rendezvous port: seen
@@ -273,3 +281,65 @@ async def test_serving_reads_and_writes_nothing_but_its_own_and_connects_nowhere
     assert generated, "the model answered nothing to check"
     sources_compiled = [r["source"] for r in records if r["event"] == "compile"]
     assert not any(g in src for g in generated for src in sources_compiled)
+
+
+# -- the Explain folder ends with the server -------------------------------------------------------
+async def explain_document(session: Session, uri: str) -> Path:
+    """Runs Explain on an open document; the Markdown file the server asked the editor to show."""
+    point = {"line": 1, "character": 4}
+    request = t.ExecuteCommandParams(
+        command="codellama.explain", arguments=[uri, {"start": point, "end": point}]
+    )
+    done: Any = await asyncio.wait_for(session.client.workspace_execute_command_async(request), 60)
+    shown = session.client.shown_documents[-1].uri
+    assert done["document"] == shown
+    path = Path(shown.removeprefix("file://"))
+    assert path.read_text(encoding="utf-8") == done["markdown"] + "\n"
+    return path
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("ending", ["shutdown and exit", "end of input"])
+async def test_the_explain_folder_is_private_and_removed_when_the_server_ends(
+    tiny_checkpoint: Path, ending: str
+) -> None:
+    """Two explanations share one private folder; after shutdown + exit, or when the editor
+    closes the server's input without them, folder and files are gone and the server exited."""
+    async with running_server(server_command(tiny_checkpoint)) as session:
+        open_doc(session.client, "file:///w/area.py", "def area(w, h):\n    return w * h\n")
+        first = await explain_document(session, "file:///w/area.py")
+        second = await explain_document(session, "file:///w/area.py")
+        assert first.parent == second.parent and first != second
+        assert first.parent.name.startswith(FOLDER_PREFIX)
+        for path in (first, second):
+            assert_private(path)
+        process: Any = session.client._server
+        if ending == "shutdown and exit":
+            await asyncio.wait_for(session.client.shutdown_session(), 60)
+        else:
+            process.stdin.close()
+        session.shut_down = True
+        exit_code = 0 if ending == "shutdown and exit" else 1  # 1: the client never said exit
+        assert await asyncio.wait_for(process.wait(), 60) == exit_code
+        assert not first.parent.exists()
+
+
+def test_the_explain_folder_is_removed_at_interpreter_exit(tmp_path: Path) -> None:
+    """Without shutdown, exit or end of input (say the server's loop failed), atexit removes it."""
+    script = (
+        "from codellama_lsp.lsp.explanations import ExplanationFolder\n"
+        "folder = ExplanationFolder()\n"
+        "print(folder.write('# why').parent, flush=True)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PACKAGE.parent,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        timeout=60,
+    )
+    folder = Path(out.stdout.strip())
+    assert folder.parent == tmp_path and folder.name.startswith(FOLDER_PREFIX)
+    assert list(tmp_path.iterdir()) == []  # written, then removed as the interpreter ended

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from lsprotocol import types as t
@@ -68,12 +65,16 @@ async def shutdown(ls: CodeLlamaServer, params: None) -> None:
 
 
 async def close_service(ls: CodeLlamaServer) -> None:
-    """Stop the models (no rank process outlives the server); safe to call twice."""
+    """Stop the models (no rank process outlives the server) and remove the Explain files; safe to
+    call twice."""
     ls.closing = True
     if ls.load_task is not None and not ls.load_task.done():
         ls.load_task.cancel()
-    if ls.service is not None:
-        await ls.service.close()
+    try:
+        if ls.service is not None:
+            await ls.service.close()
+    finally:
+        ls.explanations.remove()
 
 
 # -- documents ----------------------------------------------------------------------------------
@@ -235,16 +236,13 @@ async def apply_action_edit(ls: CodeLlamaServer, result: ActionResult) -> dict[s
     return {"applied": bool(applied.applied), "markdown": result.markdown}
 
 
-_explain_dir: Path | None = None
-
-
 async def show_explanation(ls: CodeLlamaServer, result: ActionResult) -> dict[str, Any]:
     """The Markdown is the command's result; clients without special support are shown it."""
     answer: dict[str, Any] = {"markdown": result.markdown}
     if ls.client_experimental("explainResult"):
         return answer
     if ls.client_supports("window.show_document.support"):
-        path = write_explanation(result.markdown)
+        path = ls.explanations.write(result.markdown)
         shown = await ls.window_show_document_async(
             t.ShowDocumentParams(uri=path.as_uri(), take_focus=True)
         )
@@ -252,19 +250,6 @@ async def show_explanation(ls: CodeLlamaServer, result: ActionResult) -> dict[st
         return answer
     ls.show(t.MessageType.Info, result.markdown)
     return answer
-
-
-def write_explanation(markdown: str) -> Path:
-    """A Markdown file in a private temporary folder (the only file the server writes)."""
-    global _explain_dir
-    if _explain_dir is None:
-        _explain_dir = Path(tempfile.mkdtemp(prefix="codellama-explain-"))
-    path = _explain_dir / f"explanation-{next(_request_ids)}.md"
-    # Private like its folder (mkdtemp: 0700): the explained code may be confidential.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(markdown + "\n")
-    return path
 
 
 def _field(params: Any, name: str) -> Any:

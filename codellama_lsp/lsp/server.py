@@ -19,6 +19,7 @@ from pygls.lsp.server import LanguageServer
 from codellama_lsp import __version__
 from codellama_lsp.config import Config, apply_settings
 from codellama_lsp.infill.edits import PositionEncoding
+from codellama_lsp.lsp.explanations import ExplanationFolder
 from codellama_lsp.lsp.protocol import CodeLlamaProtocol
 from codellama_lsp.service.runtime import GroupFactory, ModelStatus, default_group_factory
 from codellama_lsp.service.service import CodeLlamaService
@@ -60,6 +61,7 @@ class CodeLlamaServer(LanguageServer):
         self.closing = False
         self.reject_connection = False  # a TCP client without the token: hang up
         self._loading_progress = False
+        self.explanations = ExplanationFolder()  # Explain's Markdown files, removed at the end
 
     # -- set up at initialize ---------------------------------------------------------------------
     def setup(self, params: t.InitializeParams) -> list[str]:
