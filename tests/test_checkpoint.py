@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from codellama_lsp.errors import CheckpointError, TokenizerError
+from codellama_lsp.errors import CheckpointChangedError, CheckpointError, TokenizerError
 from codellama_lsp.model.args import ModelArgs
 from codellama_lsp.model.checkpoint import (
     find_checkpoint,
@@ -282,6 +285,87 @@ def test_load_model_builds_an_eval_model_with_exact_weights(
 def test_load_model_checks_the_process_group(ckpts: dict[str, Path], single_process: None) -> None:
     with pytest.raises(CheckpointError, match=r"rank 1 of 2 .* rank 0 of 1"):
         load_model(ckpts["tiny1"], world_size=2, rank=1)
+
+
+# -- a checkpoint that changes while it loads ---------------------------------------------------
+
+
+def _load_changing(folder: Path, change: Callable[[Path], None]) -> list[int]:
+    """load_model, with `change(shard)` made at the loader's first progress report (before the
+    shard is opened); the bytes-done values reported."""
+    shard = folder / "consolidated.00.pth"
+    done: list[int] = []
+
+    def progress(source: str, bytes_done: int, total: int) -> None:
+        if not done:
+            change(shard)
+        done.append(bytes_done)
+
+    load_model(folder, dtype=torch.float32, progress=progress)
+    return done
+
+
+def _replace(shard: Path) -> None:
+    copy = shard.with_suffix(".new")
+    shutil.copyfile(shard, copy)
+    os.replace(copy, shard)  # the same bytes in another file: a download that finished meanwhile
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (Path.unlink, "was deleted while loading"),
+        (_replace, "was replaced by another file while loading"),
+        (lambda shard: os.utime(shard, ns=(0, 0)), "was modified while loading"),
+    ],
+)
+def test_a_shard_changed_while_loading_fails_the_load_and_says_so(
+    tiny: Path, single_process: None, change: Callable[[Path], None], words: str
+) -> None:
+    with pytest.raises(CheckpointChangedError, match=rf"consolidated\.00\.pth {words}"):
+        _load_changing(tiny, change)
+
+
+def test_an_unchanged_load_reports_before_reading(tiny: Path, single_process: None) -> None:
+    done = _load_changing(tiny, lambda shard: None)
+    assert done[0] == 0 and done[-1] > 0  # the first report names the file before any byte
+
+
+_TRUNCATE_WHILE_LOADING = textwrap.dedent(
+    """
+    import os, sys, torch
+    from codellama_lsp.model import parallel
+    from codellama_lsp.model.checkpoint import load_model
+
+    parallel.init_single_process()
+    folder = sys.argv[1]
+    shard = os.path.join(folder, "consolidated.00.pth")
+    seen = []
+
+    def progress(source, done, total):
+        if len(seen) == 1:  # opened and mapped (the first tensor copied): cut the file in half
+            os.truncate(shard, os.path.getsize(shard) // 2)
+        seen.append(done)
+
+    load_model(folder, dtype=torch.float32, progress=progress)
+    print("loaded", seen)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGBUS"), reason="needs SIGBUS")
+def test_a_shard_truncated_while_copying_kills_the_reader_with_sigbus(tiny: Path) -> None:
+    """What the worker supervisor explains as "changed or was truncated while loading": reading
+    a mapped file past its new end is a bus error, which no Python code can catch."""
+    out = subprocess.run(
+        [sys.executable, "-c", _TRUNCATE_WHILE_LOADING, str(tiny)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    assert out.returncode == -signal.SIGBUS, (out.returncode, out.stdout, out.stderr[-2000:])
 
 
 # -- mmap: nothing is copied needlessly --------------------------------------------------------

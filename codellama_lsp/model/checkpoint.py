@@ -5,6 +5,10 @@ Hugging Face conversions (`config.json` + `*.safetensors`). Meta shards are mmap
 from k files onto n ranks (n | k or k | n); HF tensors are read per tensor, per rank slice.
 The model is built on the meta device and filled with `load_state_dict(assign=True)`, converting
 one tensor at a time, so no second full copy of the weights ever exists in memory.
+
+A load must see one consistent set of files: each file's stamp (`checkpoint_stamps`) is taken when
+the folder is inspected and compared once the weights were read, or when reading failed, so a
+shard truncated, deleted or replaced meanwhile fails the load with a message naming it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from codellama_lsp.model.checkpoint_checklist import (
     verify_checklist,
 )
 from codellama_lsp.model.checkpoint_hf import find_safetensors, hf_rank_weights, read_hf_config
-from codellama_lsp.model.checkpoint_reshard import ProgressFn, RankWeights, meta_rank_weights
+from codellama_lsp.model.checkpoint_reshard import (
+    ProgressFn,
+    RankWeights,
+    meta_rank_weights,
+    plan_for_rank,
+)
+from codellama_lsp.model.checkpoint_stamps import FileStamp, check_unchanged, stamp
 from codellama_lsp.model.tokenizer import Tokenizer
 from codellama_lsp.model.transformer import Transformer, build_transformer, expected_shard_shapes
 
@@ -57,8 +67,12 @@ class CheckpointInfo:
     format: Literal["meta", "hf"]
     shard_paths: tuple[Path, ...]
     params: ModelArgs
-    sizes: tuple[int, ...]
+    stamps: tuple[FileStamp, ...]  # of the shard files, when the folder was inspected
     tokenizer_path: Path | None
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(s.size for s in self.stamps)
 
     @property
     def model_parallel(self) -> int:
@@ -86,8 +100,8 @@ def find_checkpoint(ckpt_dir: str | Path) -> CheckpointInfo:
     tokenizer_path = tokenizer if tokenizer.is_file() else None
     if tokenizer_path is not None:
         params = resolve_vocab(params, Tokenizer(tokenizer_path).n_words, str(tokenizer_path))
-    sizes = tuple(path.stat().st_size for path in shards)
-    return CheckpointInfo(folder, fmt, shards, params, sizes, tokenizer_path)
+    stamps = tuple(stamp(path) for path in shards)
+    return CheckpointInfo(folder, fmt, shards, params, stamps, tokenizer_path)
 
 
 def _meta_shards(folder: Path) -> tuple[Path, ...]:
@@ -190,6 +204,34 @@ def load_model(
     info = find_checkpoint(ckpt_dir)
     args = resolve_args(info, tokenizer_n_words)
     _check_parallel(world_size, rank)
+    try:
+        state = _read_rank_state(info, args, world_size, rank, device, dtype, progress)
+    except Exception:
+        check_unchanged(info.stamps)  # a file that changed under the reader explains the failure
+        raise
+    # The copies are made (and the file mappings released, unless the weights stay in them: the
+    # files' dtype on the CPU): a file changed meanwhile may have been read half old, half new.
+    check_unchanged(info.stamps)
+    model = build_transformer(args, device=torch.device("meta"), dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.freqs_cis.is_meta:  # the load hook normally recomputes the rotary tables
+        model.reset_rope()
+    return model.eval(), args
+
+
+def _read_rank_state(
+    info: CheckpointInfo,
+    args: ModelArgs,
+    world_size: int,
+    rank: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    progress: ProgressFn | None,
+) -> dict[str, torch.Tensor]:
+    """This rank's weights on `device` in `dtype`."""
+    if progress is not None:  # before a file is opened: a rank that dies reading can be named
+        names, share = _rank_share(info, world_size, rank)
+        progress(names, 0, share)
     state: dict[str, torch.Tensor] = {}
     with _rank_weights(info, args, world_size, rank) as weights:
         done = 0
@@ -199,11 +241,20 @@ def load_model(
             done += piece.tensor.nbytes
             if progress is not None:
                 progress(piece.source, done, weights.total_bytes)
-    model = build_transformer(args, device=torch.device("meta"), dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    if model.freqs_cis.is_meta:  # the load hook normally recomputes the rotary tables
-        model.reset_rope()
-    return model.eval(), args
+    return state
+
+
+def _rank_share(info: CheckpointInfo, world_size: int, rank: int) -> tuple[str, int]:
+    """The names of the files a rank reads, and about how many of their bytes are its share."""
+    if info.format == "hf":
+        return _names(info.shard_paths), info.total_bytes // world_size
+    plan = plan_for_rank(len(info.shard_paths), world_size, rank)
+    share = sum(info.sizes[i] for i in plan.sources) // plan.parts
+    return _names(tuple(info.shard_paths[i] for i in plan.sources)), share
+
+
+def _names(paths: tuple[Path, ...]) -> str:
+    return ", ".join(path.name for path in paths)
 
 
 def _check_parallel(world_size: int, rank: int) -> None:

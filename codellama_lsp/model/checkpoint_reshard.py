@@ -199,15 +199,20 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as exc:  # any failure to parse means the file is damaged or not a shard
         raise CheckpointError(
-            f"cannot read {path}: {str(exc).rstrip('.')}. The file may be truncated or "
-            "corrupt; check the "
-            "folder's md5 sums with --verify and download it again if they differ"
+            f"cannot read {path}: {_first_sentence(exc)}. The file may be truncated or corrupt; "
+            "check the folder's md5 sums with --verify and download it again if they differ"
         ) from exc
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise CheckpointError(f"{path} is not a state dict of named tensors")
     return state
+
+
+def _first_sentence(exc: Exception) -> str:
+    """torch's reader errors go on with advice about miniz internals: the first sentence says it."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0].rstrip(".")
 
 
 @dataclass

@@ -82,13 +82,10 @@ class RankSet:
     def rank_of(self, conn: object) -> int:
         return self.conns.index(conn)  # type: ignore[arg-type]
 
-    def exited(self) -> tuple[int, int] | None:
-        """(rank, exit code) of the first rank that is gone, if any."""
-        for rank, proc in enumerate(self.procs):
-            code = proc.poll()
-            if code is not None:
-                return rank, code
-        return None
+    def exited(self) -> list[tuple[int, int]]:
+        """(rank, exit code) of every rank that is gone."""
+        codes = [(rank, proc.poll()) for rank, proc in enumerate(self.procs)]
+        return [(rank, code) for rank, code in codes if code is not None]
 
     def exit_code(self, rank: int, wait_s: float = 1.0) -> int | None:
         try:

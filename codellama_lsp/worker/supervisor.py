@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -93,6 +94,7 @@ class Supervisor:
         self.info: ReadyInfo | None = None
         self.first_ready: concurrent.futures.Future[ReadyInfo] = concurrent.futures.Future()
         self._ranks: RankSet | None = None
+        self._loading: dict[int, str] = {}  # rank -> the files it reads, until the group is ready
         self._last_fault = ""
         self._ranks_lock = threading.Lock()
         self._stop = threading.Event()
@@ -207,6 +209,7 @@ class Supervisor:
     # -- loading ---------------------------------------------------------------------------------
     def _launch(self) -> None:
         self._drain_outbox()  # messages for the previous ranks' requests, all failed by now
+        self._loading = {}
         try:
             ranks = RankSet.spawn(self.settings)
         except OSError as exc:
@@ -216,6 +219,7 @@ class Supervisor:
         if self._stop.is_set():
             raise _Stopping
         info = self._await_ready(ranks)
+        self._loading = {}
         self.info = info
         self._set_status("ready", f"model ready ({info.world_size} rank(s) on {info.device})")
         if not self.first_ready.done():
@@ -292,23 +296,40 @@ class Supervisor:
                 continue
             assert isinstance(conn, Connection)  # our own waitables
             rank = ranks.rank_of(conn)
-            messages.append((rank, self._recv(ranks, rank, conn)))
+            message = self._recv(ranks, rank, conn)
+            if isinstance(message, Progress):
+                self._loading[rank] = message.shard  # before a death in this same poll
+            messages.append((rank, message))
         if self._stop.is_set():
             raise _Stopping
-        gone = ranks.exited()
-        if gone is not None:
-            raise _Fault(f"rank {gone[0]} {describe_exit(gone[1])}")
-        for _, message in messages:
-            if isinstance(message, RankError):
-                raise _Fault(message.message, fatal=message.fatal)
+        # A rank that died without a word is the cause (the others' errors follow from it, such as
+        # "connection closed" in a collective); one that said why before it exited is explained.
+        errors = {rank: m for rank, m in messages if isinstance(m, RankError)}
+        for rank, code in ranks.exited():
+            if rank not in errors:
+                raise _Fault(self._exit_reason(rank, code))
+        for error in errors.values():
+            raise _Fault(error.message, fatal=error.fatal)
         return messages
 
     def _recv(self, ranks: RankSet, rank: int, conn: Connection) -> object:
         try:
             return conn.recv()
         except (EOFError, OSError) as exc:
-            code = ranks.exit_code(rank)
-            raise _Fault(f"rank {rank} {describe_exit(code)}") from exc
+            raise _Fault(self._exit_reason(rank, ranks.exit_code(rank))) from exc
+
+    def _exit_reason(self, rank: int, code: int | None) -> str:
+        """Why a rank is gone, with the files it was reading if it died loading them."""
+        reason = f"rank {rank} {describe_exit(code)}"
+        files = self._loading.get(rank)
+        bus_error = code == -signal.SIGBUS  # a read of a mapped file past the file's end
+        if files is not None:
+            reason += f" while loading {files}"
+            if bus_error:
+                reason += ": the checkpoint shard changed or was truncated while loading"
+        elif bus_error:  # on the CPU, weights in the files' dtype are read from the mapping
+            reason += " (a mapped file, such as a checkpoint shard, may have been truncated)"
+        return reason
 
     # -- talking to rank 0 -----------------------------------------------------------------------
     def _send_loop(self) -> None:
