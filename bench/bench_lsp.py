@@ -189,37 +189,49 @@ def session(run: argparse.Namespace, out: Results, line_budget: bool) -> None:
     report(answers, server_outcomes(run.server_log), out, suffix, budget)
 
 
-def server_outcomes(log: Path) -> list[str]:
-    """Each completion's outcome ("model", "cache", ...) from the server's request log lines."""
+def server_outcomes(log: Path) -> list[tuple[str, bool | None]]:
+    """Each completion's outcome ("model", "cache", ...) and mode (multi-line or not, None when
+    undecided) from the server's request log lines."""
     outcomes = []
     for line in log.read_text(errors="replace").splitlines():
         _, marker, payload = line.partition("codellama_lsp.requests: request ")
         if marker and '"kind":"completion"' in payload:
-            outcomes.append(str(json.loads(payload).get("outcome", "?")))
+            record = json.loads(payload)
+            outcomes.append((str(record.get("outcome", "?")), record.get("multiline")))
     return outcomes
 
 
 def report(
-    answers: list[tuple[float, str]], outcomes: list[str], out: Results, suffix: str, budget: str
+    answers: list[tuple[float, str]],
+    outcomes: list[tuple[str, bool | None]],
+    out: Results,
+    suffix: str,
+    budget: str,
 ) -> None:
-    """p50/p95 of the keystrokes the model answered (the server's answer cache apart)."""
+    """p50/p95 of the keystrokes the model answered (the server's answer cache apart), over all
+    of them and over the single-line ones (the issue's target)."""
     known = len(outcomes) == len(answers)
-    model = (
-        [a for a, o in zip(answers, outcomes, strict=True) if o == "model"] if known else answers
-    )
-    warm = sorted(seconds for seconds, _ in model[1:])
+    if not known:
+        outcomes = [("?", None)] * len(answers)
+    timed = list(zip(answers, outcomes, strict=True))[1:]  # the first keystroke is cold
+    model = [a[0] for a, (o, _) in timed if o in ("model", "?")]
+    single = [a[0] for a, (o, multi) in timed if o in ("model", "?") and multi is False]
     one_line = sum("\n" not in text.strip("\n") for _, text in answers)
-    note = f"{budget}; {len(warm)} model-answered keystrokes after the first; "
-    note += f"{one_line}/{len(answers)} "
-    note += "one-line answers; " + (
-        f"{outcomes.count('cache')} answered from the server's cache"
+    note = f"{budget}; {len(model)} model-answered keystrokes after the first, "
+    note += f"{len(single)} single-line; {one_line}/{len(answers)} one-line answers; "
+    note += (
+        f"{[o for o, _ in outcomes].count('cache')} answered from the server's cache"
         if known
         else "outcomes unknown (no request log)"
     )
     out.add(f"lsp_inline_cold_first{suffix}", answers[0][0] * 1e3, "ms")
-    out.add(f"lsp_inline_p50{suffix}", statistics.median(warm) * 1e3, "ms", None, note)
-    p95 = warm[min(len(warm) - 1, int(0.95 * len(warm)))]
-    out.add(f"lsp_inline_p95{suffix}", p95 * 1e3, "ms", None, note)
+    for name, values in (("", model), ("_single_line", single)):
+        if not values:
+            continue
+        values = sorted(values)
+        p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
+        out.add(f"lsp_inline_p50{name}{suffix}", statistics.median(values) * 1e3, "ms", None, note)
+        out.add(f"lsp_inline_p95{name}{suffix}", p95 * 1e3, "ms", None, note)
 
 
 def main() -> None:

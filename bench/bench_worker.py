@@ -13,6 +13,7 @@ import asyncio
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,45 +39,69 @@ def _prompt(rng: random.Random, n: int) -> tuple[int, ...]:
     return tuple(rng.randrange(3, 32000) for _ in range(n))
 
 
-async def _timed(group: WorkerGroup, request: EngineRequest) -> tuple[float, float, int, int]:
-    """(time to first token, total seconds, tokens, cached prompt tokens) of one request."""
-    start, first, tokens, cached = time.perf_counter(), 0.0, 0, 0
+@dataclass
+class Timing:
+    ttft: float  # seconds from sending to the first token
+    seconds: float  # from sending to the finish
+    token_times: list[float]  # perf_counter of each token
+    cached: int  # prompt tokens reused from the cache
+
+
+async def _timed(group: WorkerGroup, request: EngineRequest) -> Timing:
+    start, times, cached = time.perf_counter(), [], 0
     async for event in group.stream(request):
         if isinstance(event, TokenEvent):
-            tokens += 1
-            first = first or time.perf_counter() - start
+            times.append(time.perf_counter())
         else:
             cached = event.cached_tokens
-    return first, time.perf_counter() - start, tokens, cached
+    ttft = times[0] - start if times else 0.0
+    return Timing(ttft, time.perf_counter() - start, times, cached)
+
+
+def decode_rate(done: list[Timing]) -> float:
+    """Tokens/s while every request decodes: from the last first token to the first finish."""
+    begin = max(t.token_times[0] for t in done)
+    end = min(t.token_times[-1] for t in done)
+    tokens = sum(sum(begin < x <= end for x in t.token_times) for t in done)
+    return tokens / (end - begin) if end > begin else float("nan")
 
 
 async def concurrency(group: WorkerGroup, run: argparse.Namespace, out: Results) -> None:
+    """Each batch size twice: the first pass records the graphs its shapes need on first use
+    ("_first"), the second is the steady state a running server is in."""
     rng, params = random.Random(0), SamplingParams(max_gen_len=run.gen)
-    base = None
-    for b in [int(x) for x in run.batches.split(",")]:
-        requests = [EngineRequest(f"c{b}-{i}", _prompt(rng, run.prompt), params) for i in range(b)]
-        start = time.perf_counter()
-        done = await asyncio.gather(*(_timed(group, r) for r in requests))
-        seconds = time.perf_counter() - start
-        tokens = sum(d[2] for d in done)
-        rate = tokens / seconds
-        base = base or rate
-        note = f"{len(done)}/{b} answered, {tokens} tokens, {rate / base:.1f}x b1"
-        note += f"; TTFT p50 {statistics.median(d[0] for d in done) * 1e3:.0f} ms"
-        out.add(f"worker_aggregate_b{b}", rate, "tok/s", None, note)
+    for suffix in ("_first", ""):
+        base = base_decode = None
+        for b in [int(x) for x in run.batches.split(",")]:
+            requests = [
+                EngineRequest(f"c{b}{suffix}-{i}", _prompt(rng, run.prompt), params)
+                for i in range(b)
+            ]
+            start = time.perf_counter()
+            done = await asyncio.gather(*(_timed(group, r) for r in requests))
+            seconds = time.perf_counter() - start
+            tokens = sum(len(d.token_times) for d in done)
+            rate, decode = tokens / seconds, decode_rate(done)
+            base, base_decode = base or rate, base_decode or decode
+            note = f"{len(done)}/{b} answered, {tokens} tokens, prefills included, "
+            ttft = statistics.median(d.ttft for d in done)
+            note += f"{rate / base:.1f}x b1; TTFT p50 {ttft * 1e3:.0f} ms"
+            out.add(f"worker_aggregate_b{b}{suffix}", rate, "tok/s", None, note)
+            note = f"while all {b} decode; {decode / base_decode:.1f}x b1"
+            out.add(f"worker_decode_b{b}{suffix}", decode, "tok/s", None, note)
 
 
 async def reuse(group: WorkerGroup, run: argparse.Namespace, out: Results) -> None:
     rng, one = random.Random(1), SamplingParams(max_gen_len=1)
     doc = _prompt(rng, run.reuse_prompt + 16)
     cold = await _timed(group, EngineRequest("cold", doc[: run.reuse_prompt], one))
-    out.add(f"worker_ttft_cold_{run.reuse_prompt}", cold[0] * 1e3, "ms")
+    out.add(f"worker_ttft_cold_{run.reuse_prompt}", cold.ttft * 1e3, "ms")
     warm = [
         await _timed(group, EngineRequest(f"w{i}", doc[: run.reuse_prompt + 4 * i], one))
         for i in range(1, 4)
     ]
-    ttft = statistics.median(w[0] for w in warm)
-    note = f"cached {warm[-1][3]} tokens; {cold[0] / ttft:.1f}x faster than cold"
+    ttft = statistics.median(w.ttft for w in warm)
+    note = f"cached {warm[-1].cached} tokens; {cold.ttft / ttft:.1f}x faster than cold"
     out.add("worker_ttft_reuse_+4", ttft * 1e3, "ms", None, note)
 
 

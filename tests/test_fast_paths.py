@@ -94,7 +94,7 @@ def test_causal_prefill_and_last_only_equal_the_masked_forward(
 
 
 def test_width_buckets_and_column_padding() -> None:
-    assert [width_bucket(w) for w in (1, 2, 3, 5, 8, 9, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, None]
+    assert [width_bucket(w) for w in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 4, 4, 4, 16, 16, 16, None]
     tokens, pos, slots = pad_columns((torch.tensor([[4, 5, 6]]), _ids(7), _ids(2)), 8)
     assert tokens.tolist() == [[4, 5, 6, 6, 6, 6, 6, 6]] and pos.tolist() == [7]
     assert slots.tolist() == [2]
@@ -120,7 +120,7 @@ def test_tail_prefills_through_buckets_equal_the_plain_forward(
         tiny_model(other[None, :30], _ids(0), cache, _ids(2), 30)
     decoder = GraphedDecoder(tiny_model, fast, mode="padded")
     start = 20
-    for width in (1, 3, 5, 16):  # buckets 1, 4, 8, 16: pad columns write past the tail
+    for width in (1, 3, 5, 16):  # buckets 1, 4, 16, 16: pad columns write past the tail
         tail = PROMPT[None, start : start + width]
         want = tiny_model(tail, _ids(start), plain, _ids(1), start + width)[0, -1]
         got = decoder.prefill_tail(tail, start, _ids(1), start + width)

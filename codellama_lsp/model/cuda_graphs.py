@@ -16,7 +16,7 @@ never extends past its fed tokens. That needs `kv_len < max_seq_len`; otherwise 
 eagerly.
 
 Short prompt tails (a keystroke's few new tokens after a reused prefix) go through graphs too:
-one row, its tokens padded up to a width bucket (2, 4, 8, 16) with copies of the last one. The
+one row, its tokens padded up to a width bucket (4 or 16) with copies of the last one. The
 pad columns write the positions just past the row's real tokens, in its own slot, where nothing
 is read before the next step overwrites them (the same argument as pad rows), so they need
 `start + width <= max_seq_len`.
@@ -52,8 +52,10 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 # Keys are bucketed in multiples of this up to 16x it, then in sixteenths of the next power of
 # two: at most 12.5% more keys than needed past 4096, and 8 graphs per doubling of the context.
 DEFAULT_KV_STEP = 256
-# Widths of one-row tail prefills that replay graphs; longer tails run eagerly.
-TAIL_WIDTHS = (2, 4, 8, 16)
+# Widths of one-row tail prefills that replay graphs; longer tails run eagerly. A keystroke adds
+# 1-4 tokens, a paste or a completion's acceptance more; at batch 1 a step reads the weights
+# whatever its width, so two buckets cost little and halve the graphs recorded at start.
+TAIL_WIDTHS = (4, 16)
 
 
 @dataclass(frozen=True)
@@ -129,14 +131,32 @@ class _Graph:
         self.inputs: Inputs = (inputs[0].clone(), inputs[1].clone(), inputs[2].clone())
         _warm_up(step, self.inputs, kv_len)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.output = step(*self.inputs, kv_len)
+        # As `torch.cuda.graph`, without its `empty_cache()` per capture: the engine records
+        # dozens of graphs at start, and each would hand the allocator's blocks back to CUDA.
+        torch.cuda.synchronize()
+        with torch.cuda.stream(_capture_stream()):
+            self.graph.capture_begin(pool, capture_error_mode="thread_local")
+            try:
+                self.output = step(*self.inputs, kv_len)
+            finally:
+                self.graph.capture_end()
 
     def run(self, inputs: Inputs) -> torch.Tensor:
         for static, new in zip(self.inputs, inputs, strict=True):
             static.copy_(new)
         self.graph.replay()
         return self.output
+
+
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """One side stream per device for every capture (captures may not use the default one)."""
+    device = torch.cuda.current_device()
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream()
+    return _CAPTURE_STREAMS[device]
 
 
 def _warm_up(step: Step, inputs: Inputs, kv_len: int) -> None:

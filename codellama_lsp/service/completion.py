@@ -43,6 +43,7 @@ class Trace:
 
     stages: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
+    multiline: bool | None = None  # the answer's mode, once decided
     generated_tokens: int = 0
     finish_reason: str = ""
     early_stop: bool = False
@@ -124,6 +125,7 @@ def plan_completion(
     trace.prompt_ids = tuple(prompt)
     trace.lap("prompt")
     mode = mode_step(window, cursor.invoked)
+    trace.multiline = mode.multiline
     trace.lap("mode")
     return Plan(window, prompt, mode, fim)
 

@@ -237,6 +237,7 @@ class CodeLlamaService:
             "ms": round(ms, 2),
             "stages": trace.stages,
             "promptTokens": trace.prompt_tokens,
+            "multiline": trace.multiline,
             "generatedTokens": trace.generated_tokens,
             "finish": trace.finish_reason,
             "earlyStop": trace.early_stop,
