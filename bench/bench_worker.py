@@ -28,6 +28,9 @@ def parse() -> argparse.Namespace:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--ckpt-dir", type=Path, required=True)
     parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--graphs-across-ranks", action="store_true", help="(experimental)")
+    parser.add_argument("--plain-kernels", action="store_true", help="fast_kernels off")
+    parser.add_argument("--label", default="", help="appended to every figure's name")
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
     parser.add_argument("--gen", type=int, default=64, help="tokens generated per request")
@@ -86,23 +89,23 @@ async def concurrency(group: WorkerGroup, run: argparse.Namespace, out: Results)
             note = f"{len(done)}/{b} answered, {tokens} tokens, prefills included, "
             ttft = statistics.median(d.ttft for d in done)
             note += f"{rate / base:.1f}x b1; TTFT p50 {ttft * 1e3:.0f} ms"
-            out.add(f"worker_aggregate_b{b}{suffix}", rate, "tok/s", None, note)
+            out.add(f"worker_aggregate_b{b}{suffix}{run.label}", rate, "tok/s", None, note)
             note = f"while all {b} decode; {decode / base_decode:.1f}x b1"
-            out.add(f"worker_decode_b{b}{suffix}", decode, "tok/s", None, note)
+            out.add(f"worker_decode_b{b}{suffix}{run.label}", decode, "tok/s", None, note)
 
 
 async def reuse(group: WorkerGroup, run: argparse.Namespace, out: Results) -> None:
     rng, one = random.Random(1), SamplingParams(max_gen_len=1)
     doc = _prompt(rng, run.reuse_prompt + 16)
     cold = await _timed(group, EngineRequest("cold", doc[: run.reuse_prompt], one))
-    out.add(f"worker_ttft_cold_{run.reuse_prompt}", cold.ttft * 1e3, "ms")
+    out.add(f"worker_ttft_cold_{run.reuse_prompt}{run.label}", cold.ttft * 1e3, "ms")
     warm = [
         await _timed(group, EngineRequest(f"w{i}", doc[: run.reuse_prompt + 4 * i], one))
         for i in range(1, 4)
     ]
     ttft = statistics.median(w.ttft for w in warm)
     note = f"cached {warm[-1].cached} tokens; {cold.ttft / ttft:.1f}x faster than cold"
-    out.add("worker_ttft_reuse_+4", ttft * 1e3, "ms", None, note)
+    out.add(f"worker_ttft_reuse_+4{run.label}", ttft * 1e3, "ms", None, note)
 
 
 async def main_async(run: argparse.Namespace, out: Results) -> None:
@@ -110,6 +113,8 @@ async def main_async(run: argparse.Namespace, out: Results) -> None:
         ckpt_dir=run.ckpt_dir,
         nproc=run.nproc,
         device=run.device,
+        fast_kernels=not run.plain_kernels,
+        graphs_across_ranks=run.graphs_across_ranks,
         max_seq_len=max(run.prompt + run.gen, run.reuse_prompt + 64) + 64,
         max_batch_size=max(int(x) for x in run.batches.split(",")),
     )
@@ -117,7 +122,7 @@ async def main_async(run: argparse.Namespace, out: Results) -> None:
     start = time.perf_counter()
     info = await group.start()
     note = f"ranks {info.world_size}, load {info.load_seconds:.1f} s inside the ranks"
-    out.add("worker_start", time.perf_counter() - start, "s", None, note)
+    out.add(f"worker_start{run.label}", time.perf_counter() - start, "s", None, note)
     try:
         await concurrency(group, run, out)
         await reuse(group, run, out)

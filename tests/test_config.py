@@ -165,5 +165,6 @@ def test_schema_lists_every_setting_with_type_and_default() -> None:
         "default": True,
         "description": ("CUDA: fused projections, compiled kernels and graphs recorded at start"),
     }
-    assert len(schema) == 41
+    assert schema["model.graphsAcrossRanks"]["default"] is False
+    assert len(schema) == 42
     assert schema["model.hangTimeoutS"]["type"] == "number"

@@ -206,6 +206,7 @@ class GraphedDecoder:
         allow_collectives: bool = False,
     ) -> None:
         self.cache, self.pad_slot, self.kv_step = cache, pad_slot, kv_step
+        self.allow_collectives = allow_collectives
         self.mode = _resolve_mode(mode, cache.device, compile_mode, allow_collectives)
         self.buckets = batch_buckets(cache.max_batch_size)
         self._step = make_step(model, cache, compile_mode)

@@ -109,6 +109,7 @@ class Engine:
         page_size: int = DEFAULT_PAGE_SIZE,
         fast_kernels: bool | None = None,
         capture_kv_len: int = DEFAULT_CAPTURE_KV_LEN,
+        graphs_across_ranks: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ConfigError("the engine needs max_batch_size >= 1 and max_seq_len >= 2")
@@ -136,7 +137,7 @@ class Engine:
         self.cache = model.new_paged_cache(max_batch_size, max_seq_len, n_pages, page_size)
         # Decode steps replay CUDA graphs on one GPU (the same forward, bucketed shapes); on CPU
         # and across ranks the decoder runs the plain forward.
-        self.decoder = GraphedDecoder(model, self.cache)
+        self.decoder = GraphedDecoder(model, self.cache, allow_collectives=graphs_across_ranks)
         on_cuda = self.device.type == "cuda"
         if on_cuda if fast_kernels is None else fast_kernels:
             self._speed_up(min(capture_kv_len, max_seq_len), compile_ops=on_cuda)
@@ -158,7 +159,9 @@ class Engine:
         except Exception as exc:  # inductor and Triton raise many kinds
             log.warning("compiled kernels unavailable, using eager ones: %s", exc)
             self.model.use_compiled_ops(False)
-            self.decoder = GraphedDecoder(self.model, self.cache)
+            self.decoder = GraphedDecoder(
+                self.model, self.cache, allow_collectives=self.decoder.allow_collectives
+            )
             self._warm_up(capture_kv_len)
         log.info("engine warm-up: %.1f s, %s", time.monotonic() - started, self.decoder.stats)
 

@@ -142,6 +142,7 @@ def _load(conn: Connection, launch: Launch, settings: WorkerSettings) -> Engine:
         kv_cache_tokens=settings.kv_cache_tokens,
         kv_cache_fraction=settings.kv_cache_fraction,
         fast_kernels=None if settings.fast_kernels else False,
+        graphs_across_ranks=settings.graphs_across_ranks,
     )
     parallel.barrier()  # Ready means every rank holds its shard
     info = ReadyInfo(

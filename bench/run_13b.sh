@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# 13B in one device call on a 2-GPU host: the model on one GPU (decode plain and fast), then the
+# worker group split over both GPUs (MP=2, the checkpoint's own 2 shards) with eager decode and
+# with the experimental graphs that hold the NCCL all-reduces. Records in $OUT/results.json.
+#
+#   OUT=$OUT bash bench/run_13b.sh          # carry [".whl", ".bench-assets"]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log") 2>&1
+if [ -d .whl ] && ! python3 -c 'import fairscale' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+R=$OUT/results.json CKPT=${CKPT_ROOT:-/tmp/bench}
+step() { local limit=$1 name=$2; shift 2; echo "=== $name ($(date -u +%T))"
+  timeout "$limit" "$@" || echo "=== $name FAILED or timed out (exit $?)"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+step 150 "GPU tests" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graphs.py \
+  tests/test_fast_paths.py
+step 240 "model 13b" python3 bench/bench_model.py --model 13b --quick --batches 1,16 \
+  --exact-batches 1,3 --skip prefill,engine --ckpt-root "$CKPT" --json "$R"
+step 100 "worker 13b MP=2" python3 bench/bench_worker.py --ckpt-dir "$CKPT/13b" --nproc 2 \
+  --batches 1,16 --gen 32 --label _13b_mp2 --json "$R"
+step 100 "worker 13b MP=2, graphs across ranks" python3 bench/bench_worker.py --ckpt-dir \
+  "$CKPT/13b" --nproc 2 --batches 1,16 --gen 32 --graphs-across-ranks \
+  --label _13b_mp2_graphs --json "$R"
+echo "=== done ($(date -u +%T))"
