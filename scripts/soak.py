@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lsp_harness import alive, child_pids, plain, rss_kib  # this script's folder
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException, JsonRpcRequestCancelled
 from pygls.lsp.client import LanguageClient
@@ -66,38 +67,6 @@ def tiny_checkpoint(folder: Path) -> Path:
     from codellama_lsp.demo import ensure_demo_checkpoint
 
     return ensure_demo_checkpoint(folder)
-
-
-# -- processes -----------------------------------------------------------------------------------
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -344,7 +313,7 @@ async def soak(args: argparse.Namespace, ckpt: Path, server_log: Path) -> dict[s
 
         async def watch() -> None:
             while time.monotonic() < deadline:
-                ranks = children(process.pid)
+                ranks = child_pids(process.pid)
                 rank_pids.update(ranks)
                 server = rss_kib(process.pid)
                 samples.append((time.monotonic() - started, server, sum(map(rss_kib, ranks))))
@@ -368,16 +337,6 @@ async def soak(args: argparse.Namespace, ckpt: Path, server_log: Path) -> dict[s
     await asyncio.sleep(1.0)
     left = sorted(p for p in rank_pids if alive(p))
     return summarize(args, tally, lost, samples, stats_ms, stats, exit_code, left, statuses)
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def summarize(
@@ -431,7 +390,7 @@ def summarize(
         problems.append(f"the server exited with {exit_code}")
     if "error" in statuses or "restarting" in statuses:
         problems.append(f"the model faulted during the run: {statuses}")
-    server_stats = _plain(stats)
+    server_stats = plain(stats)
     return {
         "editors": args.editors,
         "minutes": args.minutes,

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from test_lsp_support import TEST_SETTINGS, alive, child_pids, server_command
+from lsp_harness import alive, child_pids
+from test_lsp_support import TEST_SETTINGS, server_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

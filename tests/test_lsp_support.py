@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+from lsp_harness import plain
 from lsprotocol import types as t
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities, make_test_lsp_client
 
@@ -163,17 +164,6 @@ class Session:
         return plain(await self.raw("codellama/stats", {}))
 
 
-def plain(value: Any) -> Any:
-    """pygls' client turns JSON objects of unknown shape into named tuples: back to dicts."""
-    if hasattr(value, "_asdict"):
-        return {k: plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
-
-
 def count(stats: dict[str, Any], name: str) -> int:
     """A counter of a `codellama/stats` answer by its "group.name"; 0 until first counted."""
     group, _, counter = name.partition(".")
@@ -310,40 +300,6 @@ def write_chain_checkpoint(directory: Path, tokenizer_path: Path, answer: str) -
         out[following] = 5.0 * emb[current] / emb[current].norm()
     shards = shard_state_dict(sd, TINY_ARGS, 1)
     return write_meta_checkpoint(directory, TINY_ARGS, shards, tokenizer_path)
-
-
-def child_pids(pid: int) -> list[int]:
-    """The direct children of `pid` (the model ranks of a server)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper holds nothing and counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of a process (VmRSS), 0 once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def server_pid(session: Session) -> int:

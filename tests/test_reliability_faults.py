@@ -39,13 +39,12 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from lsp_harness import alive, child_pids
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 from test_lsp_support import (
     TEST_SETTINGS,
     Session,
-    alive,
-    child_pids,
     count,
     inline,
     inline_params,

@@ -20,16 +20,15 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from lsp_harness import child_pids, rss_kib
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcRequestCancelled
 from test_lsp_support import (
     TEST_SETTINGS,
     Session,
-    child_pids,
     count,
     inline_params,
     open_doc,
-    rss_kib,
     running_server,
     server_command,
     server_pid,
