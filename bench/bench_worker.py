@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import time
@@ -31,6 +32,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--graphs-across-ranks", action="store_true", help="(experimental)")
     parser.add_argument("--plain-kernels", action="store_true", help="fast_kernels off")
     parser.add_argument("--label", default="", help="appended to every figure's name")
+    parser.add_argument("--dump-tokens", type=Path, default=None, help="greedy ids per request")
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per request")
     parser.add_argument("--gen", type=int, default=64, help="tokens generated per request")
@@ -50,11 +52,16 @@ class Timing:
     cached: int  # prompt tokens reused from the cache
 
 
+TOKENS: dict[str, list[int]] = {}  # request id -> generated ids, for --dump-tokens
+
+
 async def _timed(group: WorkerGroup, request: EngineRequest) -> Timing:
     start, times, cached = time.perf_counter(), [], 0
+    ids = TOKENS.setdefault(request.request_id, [])
     async for event in group.stream(request):
         if isinstance(event, TokenEvent):
             times.append(time.perf_counter())
+            ids.append(event.token_id)
         else:
             cached = event.cached_tokens
     ttft = times[0] - start if times else 0.0
@@ -136,6 +143,8 @@ def main() -> None:
         run.batches, run.prompt, run.gen, run.reuse_prompt = "1,2,4", 16, 4, 40
     out = Results(torch.device(run.device), run.json)
     asyncio.run(main_async(run, out))
+    if run.dump_tokens is not None:
+        run.dump_tokens.write_text(json.dumps(TOKENS))
     out.finish()
 
 
