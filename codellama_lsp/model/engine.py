@@ -141,6 +141,11 @@ class Engine:
         on_cuda = self.device.type == "cuda"
         if on_cuda if fast_kernels is None else fast_kernels:
             self._speed_up(min(capture_kv_len, max_seq_len), compile_ops=on_cuda)
+        if on_cuda:
+            # Give back what loading (dtype casts) and the warm-up left in the allocator's cache:
+            # other programs on the GPU may use it, and a request that needs more memory than
+            # the pool left meets a real out-of-memory error instead of borrowed blocks.
+            torch.cuda.empty_cache()
         self.slots = SlotTable(max_batch_size)
         self._queue: deque[EngineRequest] = deque()
         self._running: dict[str, _Running] = {}  # in admission order: the newest is last
