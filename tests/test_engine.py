@@ -304,3 +304,20 @@ def test_slot_table_prefers_the_longest_prefix_then_empty_then_oldest() -> None:
     table.slots[1].busy = True
     copy = table.place((1, 2, 9, 9, 6))
     assert copy.copy_from == 1 and copy.reuse == 4 and copy.slot == 0
+
+
+def test_out_of_memory_messages_keep_what_was_asked_and_free_and_drop_allocator_advice() -> None:
+    from codellama_lsp.model.engine import _oom_message
+
+    torch_text = (
+        "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.18 GiB"
+        " of which 14.56 MiB is free. Including non-PyTorch memory, this process has 2.61 GiB"
+        " memory in use. If reserved but unallocated memory is large try setting"
+        " PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    )
+    message = _oom_message("reading the prompt", RuntimeError(torch_text))
+    assert message == (
+        "out of memory while reading the prompt: CUDA out of memory. Tried to allocate 20.00 MiB."
+        " GPU 0 has a total capacity of 79.18 GiB of which 14.56 MiB is free"
+        " (try a shorter prompt or fewer requests)"
+    )

@@ -512,4 +512,7 @@ def _next_token_logprobs(logits: torch.Tensor, targets: tuple[int, ...]) -> list
 
 def _oom_message(stage: str, exc: BaseException) -> str:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"out of memory while {stage}: {first_line} (try a shorter prompt or fewer requests)"
+    # torch's CUDA message runs on with allocator advice for developers: keep what it tried to
+    # allocate and what was free.
+    brief = ". ".join(first_line.split(". ")[:3]).rstrip(".")
+    return f"out of memory while {stage}: {brief} (try a shorter prompt or fewer requests)"
