@@ -1,0 +1,73 @@
+"""Where an engine step's time goes at batch 16 (steady state): wall time per step, GPU kernel
+time per step by kernel, and the host's Python time (cProfile), beside a bare graphed decode
+step of the same model over a static cache.
+
+    python bench/profile_engine.py --ckpt-dir /tmp/bench/7b [--rows 16] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import time
+from pathlib import Path
+
+import torch
+from common import Results, base_parser, sync
+
+from codellama_lsp.model import parallel
+from codellama_lsp.model.checkpoint import load_model
+from codellama_lsp.model.engine import Engine
+from codellama_lsp.model.types import EngineRequest, SamplingParams
+
+
+def main() -> None:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--ckpt-dir", type=Path, required=True)
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=24)
+    run = parser.parse_args()
+    device = torch.device(run.device)
+    parallel.init_single_process()
+    out = Results(device, run.json)
+    dtype = torch.float32 if run.tiny else torch.bfloat16
+    model = load_model(run.ckpt_dir, device=device, dtype=dtype)[0]
+    seq = run.prompt + 3 * run.steps + 16
+    engine = Engine(model, max_batch_size=run.rows, max_seq_len=seq, device=device)
+    g = torch.Generator().manual_seed(0)
+    for i in range(run.rows):
+        prompt = tuple(torch.randint(3, 32000, (run.prompt,), generator=g).tolist())
+        engine.add(EngineRequest(f"r{i}", prompt, SamplingParams(max_gen_len=3 * run.steps)))
+    while engine.running() < run.rows:
+        engine.step()
+    for _ in range(run.steps):  # first-use graphs of this batch and key length
+        engine.step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(run.steps):
+        engine.step()
+    sync(device)
+    per_step = (time.perf_counter() - start) / run.steps
+    out.add(f"engine_step_b{run.rows}", per_step * 1e3, "ms", None, f"{engine.decoder.stats}")
+    profiler = cProfile.Profile()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        profiler.enable()
+        for _ in range(run.steps // 2):
+            engine.step()
+        sync(device)
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+    print(text.getvalue())
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=18))
+    out.finish()
+
+
+if __name__ == "__main__":
+    main()
