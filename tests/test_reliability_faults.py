@@ -331,7 +331,11 @@ def stop_while_copying(pids: list[int], shard: Path, give_up: threading.Event) -
         if give_up.wait(0.005):
             return None
         reader = next((pid for pid in pids if any(holds(pid, path))), None)
-    while True:  # then without a pause: torch.load takes about 10 ms, the copy about 50
+    # Then without a pause (torch.load takes about 10 ms, the copy about 50), the reader's loading
+    # thread at the lowest priority, so that on a busy machine the watcher runs first.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, reader, 19)
+    while True:
         mapped, opened = holds(reader, path)
         if mapped and not opened:
             break
@@ -360,8 +364,6 @@ async def stop_a_rank_copying(session: Session, shard: Path) -> Landing | None:
     """The rank reading `shard`, stopped mid-copy; None when the watcher missed it (the group
     then finished loading, or failed, without being stopped)."""
     pids = await rank_pids(session)
-    for pid in pids:  # the watcher goes first on a busy machine; nothing else changes
-        os.setpriority(os.PRIO_PROCESS, pid, 19)
     give_up = threading.Event()
     watcher = asyncio.ensure_future(asyncio.to_thread(stop_while_copying, pids, shard, give_up))
     settled = asyncio.ensure_future(first_status_after(session, 0, ("ready", "error"), RESTART_S))
@@ -409,7 +411,8 @@ async def fault_while_copying(
         async with running_server(fault_command(ckpt), wait_ready=False) as session:
             landing = await stop_a_rank_copying(session, shard)
             if landing is None:
-                continue  # seen too late: the group loaded without the fault
+                print(f"attempt {attempt}: the watcher saw the rank too late; again")
+                continue  # the group loaded without the fault
             await status_saying(session, "(rank 0)")  # rank 0's first progress report
             mark = len(session.statuses.states)
             fault(shard, landing)

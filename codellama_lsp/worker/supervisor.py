@@ -52,6 +52,7 @@ log = logging.getLogger("codellama_lsp.worker")
 
 State = Literal["stopped", "loading", "ready", "restarting", "error"]
 _POLL_S = 0.2
+_PEER_DEATH_GRACE_S = 1.0  # a rank's exit can be seen after the errors it causes in the others
 _GRACEFUL_STOP_S = 5.0
 
 
@@ -302,15 +303,46 @@ class Supervisor:
             messages.append((rank, message))
         if self._stop.is_set():
             raise _Stopping
-        # A rank that died without a word is the cause (the others' errors follow from it, such as
-        # "connection closed" in a collective); one that said why before it exited is explained.
         errors = {rank: m for rank, m in messages if isinstance(m, RankError)}
-        for rank, code in ranks.exited():
-            if rank not in errors:
-                raise _Fault(self._exit_reason(rank, code))
+        silent = self._gone_without_a_word(ranks, errors)
+        if silent is not None:
+            raise _Fault(self._exit_reason(*silent))
         for error in errors.values():
             raise _Fault(error.message, fatal=error.fatal)
         return messages
+
+    def _gone_without_a_word(
+        self, ranks: RankSet, errors: dict[int, RankError]
+    ) -> tuple[int, int] | None:
+        """A rank that exited without saying why (killed by a signal), with its exit code: the
+        cause of the other ranks' errors ("connection closed" in a collective), which can arrive
+        before its exit is seen, so when errors came the others get a moment to be seen gone. A
+        rank that said why before it exited joins `errors`."""
+        deadline = time.monotonic() + (_PEER_DEATH_GRACE_S if errors else 0.0)
+        while True:
+            for rank, code in ranks.exited():
+                if rank in errors:
+                    continue
+                said = self._unread_error(ranks.conns[rank], rank)
+                if said is None:
+                    return rank, code
+                errors[rank] = said
+            if time.monotonic() >= deadline or len(errors) == len(ranks.procs):
+                return None
+            time.sleep(0.02)
+
+    def _unread_error(self, conn: Connection, rank: int) -> RankError | None:
+        """The RankError a rank that is gone sent before it exited, if not read yet."""
+        try:
+            while conn.poll(0):
+                message = conn.recv()
+                if isinstance(message, Progress):
+                    self._loading[rank] = message.shard
+                if isinstance(message, RankError):
+                    return message
+        except (EOFError, OSError):
+            pass
+        return None
 
     def _recv(self, ranks: RankSet, rank: int, conn: Connection) -> object:
         try:
