@@ -8,31 +8,16 @@
 #                                               # checkpoint when it is missing)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/bench-out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log") 2>&1
-if [ -d .whl ] && ! python3 -c 'import fairscale' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-R=$OUT/results.json CKPT=${CKPT_ROOT:-/tmp/bench}
-step() { local limit=$1 name=$2; shift 2; echo "=== $name ($(date -u +%T))"
-  timeout "$limit" "$@" || echo "=== $name FAILED or timed out (exit $?)"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+# shellcheck source=bench/device_env.sh
+. bench/device_env.sh
+R=$RESULTS
 if [ "${1:-}" != --mp2-only ]; then
   step 150 "GPU tests" python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_cuda_graphs.py tests/test_fast_paths.py
   step 240 "model 13b" python3 bench/bench_model.py --model 13b --quick --batches 1,16 \
     --exact-batches 1,3 --skip prefill,engine --ckpt-root "$CKPT" --json "$R"
 fi
-[ -f "$CKPT/13b/params.json" ] || step 120 "write 13b" python3 -c "
-import sys; sys.path.insert(0, 'bench')
-import torch
-from common import find_tokenizer
-from random_weights import write_checkpoint
-write_checkpoint(__import__('pathlib').Path('$CKPT/13b'), '13b', find_tokenizer(None), torch.device('cuda'))"
+write_checkpoint 13b
 step 100 "worker 13b MP=2" python3 bench/bench_worker.py --ckpt-dir "$CKPT/13b" --nproc 2 \
   --batches 1,16 --gen 32 --label _13b_mp2 --dump-tokens "$OUT/mp2_eager.json" --json "$R"
 step 100 "worker 13b MP=2, graphs across ranks" python3 bench/bench_worker.py --ckpt-dir \

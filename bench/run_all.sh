@@ -10,10 +10,6 @@
 # (../shared does not travel), and carry [".whl", ".bench-assets"].
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/bench-out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log") 2>&1
-
 quick="" models="7b 13b" compile="" tiny="" tests=1 worker=1 lsp=1 memory=1 limit=600
 while [ $# -gt 0 ]; do
   case $1 in
@@ -30,24 +26,9 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ -d .whl ] && ! python3 -c 'import fairscale' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-RESULTS=$OUT/results.json
-CKPT=${CKPT_ROOT:-/tmp/bench}
+# shellcheck source=bench/device_env.sh
+. bench/device_env.sh
 device=cuda; [ -n "$tiny" ] && device=cpu
-
-python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-
-step() {  # step SECONDS NAME COMMAND...: run with a time limit, keep going on failure
-  local limit=$1 name=$2; shift 2
-  echo "=== $name ($(date -u +%T))"
-  timeout "$limit" "$@" || echo "=== $name FAILED or timed out (exit $?)"
-}
 
 [ $tests = 1 ] && step 240 "GPU tests" python3 -m pytest -q -p no:cacheprovider \
   tests/test_cuda_graphs.py tests/test_fast_paths.py
