@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from codellama_lsp.errors import CheckpointChangedError, CheckpointError, TokenizerError
+from codellama_lsp.model import checkpoint
 from codellama_lsp.model.args import ModelArgs
 from codellama_lsp.model.checkpoint import (
     find_checkpoint,
@@ -24,6 +25,7 @@ from codellama_lsp.model.checkpoint import (
     load_rank_state_dict,
     verify_checklist,
 )
+from codellama_lsp.model.checkpoint_stamps import FileStamp
 from codellama_lsp.model.random_checkpoint import (
     TINY_ARGS,
     random_state_dict,
@@ -324,6 +326,25 @@ def test_a_shard_changed_while_loading_fails_the_load_and_says_so(
 ) -> None:
     with pytest.raises(CheckpointChangedError, match=rf"consolidated\.00\.pth {words}"):
         _load_changing(tiny, change)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_the_files_are_checked_once_their_mappings_are_gone(
+    tiny: Path, single_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank stopped while it maps a shard has not checked it yet (test_reliability_faults
+    relies on it): with converted weights the mapping is released before the check."""
+    mapped_at_check: list[bool] = []
+    check = checkpoint.check_unchanged
+
+    def spy(stamps: tuple[FileStamp, ...]) -> None:
+        maps = Path("/proc/self/maps").read_text()
+        mapped_at_check.append(any(str(s.path) in maps for s in stamps))
+        check(stamps)
+
+    monkeypatch.setattr(checkpoint, "check_unchanged", spy)
+    load_model(tiny, dtype=torch.float32)
+    assert mapped_at_check == [False]
 
 
 def test_an_unchanged_load_reports_before_reading(tiny: Path, single_process: None) -> None:

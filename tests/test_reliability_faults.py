@@ -289,8 +289,9 @@ class Landing:
 
     @property
     def copying(self) -> bool:
-        """torch.load is done (its descriptor closed) and the weights are still being copied out
-        of the mapping: the loader has neither finished reading nor checked the file yet."""
+        """torch.load is done (its descriptor closed) and the mapping is still there: the weights
+        are being copied out of it, and the loader, which checks the files once the mapping is
+        gone (test_checkpoint.py), has not checked them yet. A change now must be noticed."""
         return self.mapped and not self.open
 
 
