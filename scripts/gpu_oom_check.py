@@ -229,6 +229,7 @@ class Editor:
         self.load_message = ""
         self.settled = asyncio.Event()  # ready, or failed to load
         self.opened = 0
+        self.process: Any = None
         self.drain: asyncio.Task[None] | None = None
 
         def on_status(params: Any) -> None:  # pygls registers functions, not bound methods
@@ -249,6 +250,7 @@ class Editor:
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         await self.client.start_io(*command, env={**os.environ, "PYTHONPATH": path})
         process: Any = self.client._server
+        self.process = process
         self.drain = asyncio.get_running_loop().create_task(_drain(process.stderr, log))
         caps = t.ClientCapabilities(
             text_document=t.TextDocumentClientCapabilities(
@@ -300,6 +302,12 @@ class Editor:
         code: int = await asyncio.wait_for(process.wait(), 60)
         await self.client.stop()
         return code
+
+    async def kill(self) -> None:
+        """The server (its rank dies with it), if it is still running."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
 
 
 async def _drain(stream: Any, log: Any) -> None:
@@ -364,11 +372,10 @@ async def run(args: argparse.Namespace, ckpt: Path, log: Any, seen: Run) -> None
         return long_document(count, args.long_tokens, salt)
 
     editor, hog = Editor(args.request_timeout_s, seen.statuses), Hog()
-    process = await editor.start(server_command(args, ckpt), log, args.load_timeout_s)
     try:
+        process = await editor.start(server_command(args, ckpt), log, args.load_timeout_s)
         seen.ranks_before = sorted(child_pids(process.pid))
         await hogged_phase(args, editor, hog, process, seen, long_text)
-        seen.hog = hog.report
         steps = seen.steps
         steps.append(await editor.complete(Step("hog gone: long", "answered"), long_text(99)))
         short = SHORT_DOCUMENTS[2]
@@ -376,9 +383,7 @@ async def run(args: argparse.Namespace, ckpt: Path, log: Any, seen: Run) -> None
         seen.ranks_after = sorted(child_pids(process.pid))
         seen.exit_code = await editor.stop(process)
     finally:
-        if process.returncode is None:  # cut short: no server or rank may outlive the check
-            process.kill()
-            await process.wait()
+        await editor.kill()  # when cut short: no server or rank may outlive the check
     await asyncio.sleep(0.5)
     left = [pid for pid in seen.ranks_before if alive(pid)]
     ended = Step("shutdown + exit", "done", detail=f"exit code {seen.exit_code}, ranks left {left}")
@@ -403,7 +408,7 @@ async def hogged_phase(
     steps.append(taken)
     try:
         if not args.no_hog:
-            report = await hog.start(args.leave_mib)
+            report = seen.hog = await hog.start(args.leave_mib)
             taken.outcome = "done"
             taken.detail = f"{report['heldMiB']} MiB held, {report['freeMiB']} MiB free"
         for i in range(args.long_requests):
