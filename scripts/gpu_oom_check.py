@@ -44,7 +44,7 @@ from lsp_harness import alive, child_pids  # this script's folder
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from codellama_lsp.model.args import ModelArgs  # noqa: E402 (no torch)
+from codellama_lsp.model.args import TINY_ARGS, ModelArgs  # noqa: E402 (no torch)
 
 SHAPES = {
     # One wide layer: a 2048-token prefill chunk needs ~0.8 GiB (fused w1|w3 output 512 MiB, the
@@ -58,17 +58,7 @@ SHAPES = {
         ffn_dim_multiplier=24.0,
         rope_theta=1_000_000.0,
     ),
-    # The tests' tiny shape: the control run on a CPU.
-    "tiny": ModelArgs(
-        dim=128,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=32016,
-        multiple_of=32,
-        ffn_dim_multiplier=1.3,
-        rope_theta=1_000_000.0,
-    ),
+    "tiny": TINY_ARGS,  # the tests' shape: the control run on a CPU
 }
 SETTINGS = {"completion": {"maxTokensSingleLine": 8, "maxTokensMultiline": 16, "numCandidates": 1}}
 ANSWER_TOKENS = 16  # maxTokensMultiline: what the prompt budget leaves for the answer

@@ -103,3 +103,18 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if not ok or (not want_float and not float(value).is_integer()):
         raise CheckpointError(f"{source}: {name} has an invalid value {value!r}")
     return float(value) if want_float else int(value)
+
+
+# Tiny but with every feature of the big models: GQA, ffn_dim_multiplier, rope_theta 1e6, the
+# 32016-piece vocabulary; splits over 2 ranks (2 kv heads).
+TINY_ARGS = ModelArgs(
+    dim=128,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=32016,
+    multiple_of=32,
+    ffn_dim_multiplier=1.3,
+    norm_eps=1e-5,
+    rope_theta=1_000_000.0,
+)

@@ -14,25 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 from codellama_lsp.errors import CheckpointError
+from codellama_lsp.model.args import TINY_ARGS as TINY_ARGS  # re-exported: tests, bench
 from codellama_lsp.model.args import ModelArgs
 from codellama_lsp.model.checkpoint_checklist import md5_file
 from codellama_lsp.model.checkpoint_reshard import split_dim as fairscale_split_dim
 
 StateDict = dict[str, torch.Tensor]
-
-# Tiny but with every feature of the big models: GQA, ffn_dim_multiplier, rope_theta 1e6, the
-# 32016-piece vocabulary; splits over 2 ranks (2 kv heads).
-TINY_ARGS = ModelArgs(
-    dim=128,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    vocab_size=32016,
-    multiple_of=32,
-    ffn_dim_multiplier=1.3,
-    norm_eps=1e-5,
-    rope_theta=1_000_000.0,
-)
 
 # Weights fairscale replicates on every rank; every other weight has a split dimension.
 _REPLICATED = frozenset({"attention_norm", "ffn_norm", "norm"})
