@@ -89,6 +89,13 @@ class _Running:
         return len(self.slot.tokens)
 
 
+def decode_read_bytes(model: Transformer, rows: int, length: int) -> int:
+    """What a decode step may hold at once besides the pool: one layer's keys and values of
+    every row up to `length` (the read), twice over for the attention kernel's own copies."""
+    per_layer_token = model.kv_bytes_per_token() // model.args.n_layers
+    return 2 * rows * length * per_layer_token
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
@@ -133,6 +140,7 @@ class Engine:
             device=self.device,
             kv_cache_tokens=kv_cache_tokens,
             kv_cache_fraction=kv_cache_fraction,
+            transient_bytes=decode_read_bytes(model, max_batch_size, max_seq_len),
         )
         self.cache = model.new_paged_cache(max_batch_size, max_seq_len, n_pages, page_size)
         # Decode steps replay CUDA graphs on one GPU (the same forward, bucketed shapes); on CPU

@@ -152,10 +152,14 @@ def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype_byte
     return 2 * n_layers * n_kv_heads * head_dim * dtype_bytes
 
 
-def tokens_for_memory(free_bytes: int, fraction: float, bytes_per_token: int) -> int:
+def tokens_for_memory(
+    free_bytes: int, fraction: float, bytes_per_token: int, transient_bytes: int = 0
+) -> int:
     """Positions that `fraction` of `free_bytes` (the memory left after the weights) can hold;
-    the rest stays for activations, logits and CUDA graphs."""
-    return int(free_bytes * fraction) // bytes_per_token
+    the rest stays for activations, logits and CUDA graphs, and never less than
+    `transient_bytes` (what one step may need at once besides the pool)."""
+    budget = min(int(free_bytes * fraction), free_bytes - transient_bytes)
+    return max(0, budget) // bytes_per_token
 
 
 def pool_pages(tokens: int, page_size: int) -> int:
