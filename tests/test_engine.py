@@ -321,3 +321,30 @@ def test_out_of_memory_messages_keep_what_was_asked_and_free_and_drop_allocator_
         " GPU 0 has a total capacity of 79.18 GiB of which 14.56 MiB is free"
         " (try a shorter prompt or fewer requests)"
     )
+
+
+def test_an_out_of_memory_error_is_retried_once_before_a_request_fails(
+    tiny_model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The allocator may hold the memory in cached blocks of other sizes: the engine hands them
+    # back and runs the same step again before it fails anyone.
+    failures_left = {"prefill": 1, "decode": 1}
+
+    def once(tokens: torch.Tensor) -> bool:
+        kind = "prefill" if tokens.shape[1] > 1 else "decode"
+        if (tokens.shape[0] > 1 or kind == "prefill") and failures_left[kind]:
+            failures_left[kind] -= 1
+            return True
+        return False
+
+    engine = _engine(tiny_model, slots=2)
+    engine.add(_req(2))
+    engine.step()
+    monkeypatch.setattr(tiny_model, "forward", _failing_forward(tiny_model, once))
+    engine.add(_req(0))
+    events = _drain(engine)
+    monkeypatch.undo()
+    assert failures_left == {"prefill": 0, "decode": 0}  # both faults happened
+    assert not [e for e in events if isinstance(e, EngineFailure)]
+    got = collect(events)
+    _same(got["r0"], _alone(tiny_model, _req(0)))

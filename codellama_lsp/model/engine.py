@@ -229,6 +229,7 @@ class Engine:
     # -- decode ----------------------------------------------------------------------------------
     def _decode(self, events: list[Event]) -> None:
         rows = self._grow(list(self._running.values()), events)
+        retried = False
         while rows:
             try:
                 logits = self._decode_forward(rows)
@@ -236,6 +237,10 @@ class Engine:
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
+                if not retried:
+                    retried = self._hand_back_cached_memory()
+                    if retried:
+                        continue
                 # Fail the newest request (it most likely pushed memory over) and try the rest.
                 self._fail(rows.pop(), "oom", _oom_message("decoding", exc), events)
         else:
@@ -362,7 +367,7 @@ class Engine:
             self._fail(run, "internal", "the KV cache pool lost track of its pages", events)
             return
         try:
-            last_logits = self._prefill(run)
+            last_logits = self._prefill_retrying(run)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -375,6 +380,29 @@ class Engine:
             return
         ids, logprobs = self._sample([run], last_logits[None])
         self._accept(run, ids[0], logprobs[0], events)
+
+    def _prefill_retrying(self, run: _Running) -> torch.Tensor:
+        """`_prefill`, once more after an out-of-memory error if cached memory was handed back
+        (it resumes at the first chunk not yet in the cache)."""
+        try:
+            return self._prefill(run)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or not self._hand_back_cached_memory():
+                raise
+            return self._prefill(run)
+
+    def _hand_back_cached_memory(self) -> bool:
+        """Free the allocator's cached blocks; True if a retry may now find the memory.
+
+        The caching allocator can hold gigabytes in blocks of other sizes (earlier prompts'
+        activations) while a step needs one large block: an 80 GB card failed a 2.12 GiB read
+        with more than that cached (BENCHMARKS.md, run 9).
+        """
+        if self.device.type != "cuda":
+            return True  # nothing cached to give back; one retry costs nothing on CPU
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        return cached > 0
 
     def _prefill(self, run: _Running) -> torch.Tensor:
         """Run the prompt's tail through the model in chunks; the last position's logits."""
