@@ -357,7 +357,8 @@ def test_the_pool_leaves_room_for_a_decode_steps_read_of_every_row() -> None:
     from codellama_lsp.model.engine import decode_read_bytes
 
     # 7B on an 80 GB card (run 9 of BENCHMARKS.md): 17 rows x 16,384 positions; one layer's K
-    # and V of every row is 4.25 GiB, read twice over: 8.5 GiB, more than 10% of the free memory.
+    # and V of every row is 4.25 GiB, read twice over, plus a 2 GiB margin: 10.5 GiB, more than
+    # 10% of the free memory.
     per_token = kv_bytes_per_token(n_layers=32, n_kv_heads=32, head_dim=128, dtype_bytes=2)
     free = int(79.2 * 2**30) - int(12.6 * 2**30)
 
@@ -370,7 +371,7 @@ def test_the_pool_leaves_room_for_a_decode_steps_read_of_every_row() -> None:
             return per_token
 
     transient = decode_read_bytes(Model, 17, 16384)  # type: ignore[arg-type]
-    assert transient == 2 * 17 * 16384 * per_token // 32 == int(8.5 * 2**30)
+    assert transient == 2 * 17 * 16384 * per_token // 32 + 2 * 2**30 == int(10.5 * 2**30)
     tokens = tokens_for_memory(free, 0.9, per_token, transient)
     assert tokens == (free - transient) // per_token < tokens_for_memory(free, 0.9, per_token)
     assert tokens >= 16 * 4096 + 16384  # the service still fits

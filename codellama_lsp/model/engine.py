@@ -89,11 +89,18 @@ class _Running:
         return len(self.slot.tokens)
 
 
+# Besides a step's K/V read: CUDA graphs' pools, cuBLAS and cuDNN workspaces, the compiled
+# kernels, a prefill chunk's activations (measured on an H100: 10% of the free memory plus one
+# read was not enough, BENCHMARKS.md run 9).
+STEP_MEMORY_MARGIN = 2 << 30
+
+
 def decode_read_bytes(model: Transformer, rows: int, length: int) -> int:
     """What a decode step may hold at once besides the pool: one layer's keys and values of
-    every row up to `length` (the read), twice over for the attention kernel's own copies."""
+    every row up to `length` (the read), twice over (the attention kernel copies them into its
+    layout), and a margin for everything else a step allocates."""
     per_layer_token = model.kv_bytes_per_token() // model.args.n_layers
-    return 2 * rows * length * per_layer_token
+    return 2 * rows * length * per_layer_token + STEP_MEMORY_MARGIN
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
