@@ -21,6 +21,7 @@ import ast
 import asyncio
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lsp_harness import alive, child_pids
 from lsprotocol import types as t
 from test_lsp_support import Session, inline, open_doc, running_server, server_command
 
@@ -299,7 +301,7 @@ async def explain_document(session: Session, uri: str) -> Path:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("ending", ["shutdown and exit", "end of input"])
+@pytest.mark.parametrize("ending", ["shutdown and exit", "end of input", "SIGTERM"])
 async def test_the_explain_folder_is_private_and_removed_when_the_server_ends(
     tiny_checkpoint: Path, ending: str
 ) -> None:
@@ -314,14 +316,20 @@ async def test_the_explain_folder_is_private_and_removed_when_the_server_ends(
         for path in (first, second):
             assert_private(path)
         process: Any = session.client._server
+        ranks = child_pids(process.pid)
+        assert ranks, "the model's rank is running"
         if ending == "shutdown and exit":
             await asyncio.wait_for(session.client.shutdown_session(), 60)
-        else:
+        elif ending == "end of input":
             process.stdin.close()
+        else:
+            process.send_signal(signal.SIGTERM)
         session.shut_down = True
-        exit_code = 0 if ending == "shutdown and exit" else 1  # 1: the client never said exit
+        # 1: the client never said exit; 143: ended by SIGTERM, after cleaning up.
+        exit_code = {"shutdown and exit": 0, "end of input": 1, "SIGTERM": 143}[ending]
         assert await asyncio.wait_for(process.wait(), 60) == exit_code
         assert not first.parent.exists()
+        assert not [pid for pid in ranks if alive(pid)]  # the ranks were stopped, not orphaned
 
 
 def test_the_explain_folder_is_removed_at_interpreter_exit(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -163,9 +165,19 @@ async def _serve_tcp(server: CodeLlamaServer, host: str, port: int) -> int:
     return code
 
 
+# The exit code after SIGTERM, as a shell reports a process the signal ended (128 + 15).
+TERMINATED_EXIT_CODE = 143
+
+
 async def _run(server: CodeLlamaServer, reader: Any) -> int:
-    """Read until exit, end of input or a refused client; always stop the models."""
+    """Read until exit, end of input, SIGTERM or a refused client; always stop the models.
+
+    SIGTERM (an editor that gives up waiting for `exit`, a session manager) ends the input as if
+    the editor had closed it, so the ranks are stopped and the Explain folder removed, as on any
+    other way out, instead of the process dying with them left behind.
+    """
     code: int | None = None
+    terminated = _end_input_on_sigterm(reader)
     try:
         await read_messages(
             reader,
@@ -176,7 +188,29 @@ async def _run(server: CodeLlamaServer, reader: Any) -> int:
     except SystemExit as exc:  # pygls' `exit` handler ends with sys.exit(0 or 1)
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
+        _forget_sigterm()
         await h.close_service(server)
+    if terminated:
+        return TERMINATED_EXIT_CODE
     if code is None:
         code = 0 if server.protocol._shutdown else 1
     return code
+
+
+def _end_input_on_sigterm(reader: Any) -> list[bool]:
+    """On SIGTERM, feed end-of-input to `reader`; the list holds True once that happened."""
+    happened: list[bool] = []
+
+    def on_sigterm() -> None:
+        happened.append(True)
+        reader.feed_eof()
+
+    # Not possible outside the main thread or on Windows: SIGTERM then ends the process at once.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    return happened
+
+
+def _forget_sigterm() -> None:
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
