@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_asyncio
 import torch
+from test_lsp_support import PROFILES, running_server, server_command, test_config
 
 from codellama_lsp.model import parallel
 from codellama_lsp.model.random_checkpoint import (
@@ -14,7 +18,9 @@ from codellama_lsp.model.random_checkpoint import (
     random_state_dict,
     write_random_checkpoint,
 )
+from codellama_lsp.model.tokenizer import Tokenizer
 from codellama_lsp.model.transformer import Transformer, build_transformer
+from codellama_lsp.worker.group import WorkerGroup
 
 # ../shared beside the repository (CI has it too).
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -56,3 +62,22 @@ def tiny_model(single_process: None, tiny_state_dict: StateDict) -> Transformer:
     model = build_transformer(TINY_ARGS, device="meta", dtype=torch.float32, max_seq_len=512)
     model.load_state_dict(tiny_state_dict, strict=True, assign=True)
     return model.eval()
+
+
+# -- the end-to-end LSP modules (test_lsp_actions, test_lsp_completion): one per module --------
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=PROFILES)
+async def session(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> AsyncIterator[Any]:
+    """The real server on the tiny model, once under each client profile."""
+    async with running_server(server_command(tiny_checkpoint), request.param) as started:
+        started.profile = request.param
+        yield started
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def oracle(tiny_checkpoint: Path) -> AsyncIterator[Any]:
+    """The same model in a worker group of the test process: what the server must reproduce."""
+    config = test_config(tiny_checkpoint)
+    group = WorkerGroup(config.model)
+    await group.start()
+    yield group, Tokenizer(tiny_checkpoint / "tokenizer.model"), config
+    await group.close()

@@ -9,12 +9,10 @@ same dialog prompt.
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 from test_lsp_support import (
@@ -23,14 +21,11 @@ from test_lsp_support import (
     open_doc,
     running_server,
     server_command,
-    test_config,
 )
 
 from codellama_lsp.infill.chat import chat_stop_ids, dialog_prompt_tokens
-from codellama_lsp.model.tokenizer import Tokenizer
 from codellama_lsp.model.types import EngineRequest, SamplingParams
 from codellama_lsp.service import actions as act
-from codellama_lsp.worker.group import WorkerGroup
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -54,24 +49,6 @@ def at(line: int, character: int) -> dict[str, Any]:
 
 INSIDE = at(4, 8)
 FUNCTION_SPAN = (CODE.index("def circle_area"), CODE.index("** 2") + 4)
-
-
-@pytest_asyncio.fixture(
-    scope="module", loop_scope="module", params=["visual-studio-code", "neovim"]
-)
-async def session(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> AsyncIterator[Any]:
-    async with running_server(server_command(tiny_checkpoint), request.param) as started:
-        started.profile = request.param
-        yield started
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def oracle(tiny_checkpoint: Path) -> AsyncIterator[Any]:
-    config = test_config(tiny_checkpoint)
-    group = WorkerGroup(config.model)
-    await group.start()
-    yield group, Tokenizer(tiny_checkpoint / "tokenizer.model"), config
-    await group.close()
 
 
 async def model_answer(oracle: Any, name: str, code: str, instruction: str = "") -> str:

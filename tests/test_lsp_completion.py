@@ -9,16 +9,12 @@ text before and after the cursor, after the post-processing rules.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcRequestCancelled
 from test_lsp_support import (
-    PROFILES,
     TEST_SETTINGS,
     Session,
     count,
@@ -26,36 +22,14 @@ from test_lsp_support import (
     inline_params,
     open_doc,
     reference_prompt,
-    running_server,
-    server_command,
-    test_config,
 )
 
 from codellama_lsp.infill.edits import PositionEncoding, units_of
-from codellama_lsp.model.tokenizer import Tokenizer
-from codellama_lsp.worker.group import WorkerGroup
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 ENCODING: dict[str, PositionEncoding] = {"visual-studio-code": "utf-16", "neovim": "utf-8"}
 CODE = "import os\n\ndef area(width, height):\n    return width * \n\nprint(area(2, 3))\n"
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=PROFILES)
-async def session(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> AsyncIterator[Any]:
-    async with running_server(server_command(tiny_checkpoint), request.param) as started:
-        started.profile = request.param
-        yield started
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def oracle(tiny_checkpoint: Path) -> AsyncIterator[Any]:
-    """The same model in a worker group of the test process: what the server must reproduce."""
-    config = test_config(tiny_checkpoint)
-    group = WorkerGroup(config.model)
-    await group.start()
-    yield group, Tokenizer(tiny_checkpoint / "tokenizer.model"), config
-    await group.close()
 
 
 _uris = iter(range(10**6))
