@@ -36,7 +36,34 @@ class AttentionCache(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class KVCache(nn.Module):
+class LayerBuffers(nn.Module):
+    """One K and one V buffer of `shape` per layer (`k0`, `v0`, ...), what both caches hold."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        max_batch_size: int,
+        max_seq_len: int,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        self.n_layers = n_layers
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        for layer in range(n_layers):
+            # Not persistent: a cache is scratch space, never part of a checkpoint.
+            self.register_buffer(f"k{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
+            self.register_buffer(f"v{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k: torch.Tensor = getattr(self, f"k{layer}")
+        v: torch.Tensor = getattr(self, f"v{layer}")
+        return k, v
+
+
+class KVCache(LayerBuffers):
     """Buffers `[max_batch_size, max_seq_len, n_local_kv_heads, head_dim]` for K and V per layer."""
 
     def __init__(
@@ -49,24 +76,12 @@ class KVCache(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        self.n_layers = n_layers
-        self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len
         shape = (max_batch_size, max_seq_len, n_local_kv_heads, head_dim)
-        for layer in range(n_layers):
-            # Not persistent: a cache is scratch space, never part of a checkpoint.
-            self.register_buffer(f"k{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
-            self.register_buffer(f"v{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
+        super().__init__(n_layers, max_batch_size, max_seq_len, shape, dtype, device)
 
     @property
     def device(self) -> torch.device:
         return self.layer(0)[0].device
-
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k: torch.Tensor = getattr(self, f"k{layer}")
-        v: torch.Tensor = getattr(self, f"v{layer}")
-        return k, v
 
     def update(
         self,

@@ -17,12 +17,12 @@ from __future__ import annotations
 from typing import cast
 
 import torch
-from torch import nn
 
+from codellama_lsp.model.kv_cache import LayerBuffers
 from codellama_lsp.model.kv_pages import SCRATCH_PAGE, PageChange, PagePool, PageTables
 
 
-class PagedKVCache(nn.Module):
+class PagedKVCache(LayerBuffers):
     def __init__(
         self,
         n_layers: int,
@@ -35,19 +35,14 @@ class PagedKVCache(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        self.n_layers, self.page_size = n_layers, page_size
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        shape = (n_pages, page_size, n_local_kv_heads, head_dim)
+        super().__init__(n_layers, max_batch_size, max_seq_len, shape, dtype, device)
+        self.page_size = page_size
         # One table column more than max_seq_len needs: a pad row of a bucketed step may write
         # one position past a row at the last position; that entry stays on the scratch page.
         max_pages = -(-max_seq_len // page_size) + 1
         self.pool = PagePool(n_pages)
         self.tables = PageTables(self.pool, max_batch_size, page_size, max_pages - 1)
-        shape = (n_pages, page_size, n_local_kv_heads, head_dim)
-        for layer in range(n_layers):
-            # Not persistent: a cache is scratch space, never part of a checkpoint.
-            self.register_buffer(f"k{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
-            self.register_buffer(f"v{layer}", torch.zeros(shape, dtype=dtype, device=device), False)
         table = torch.full((max_batch_size, max_pages), SCRATCH_PAGE, dtype=torch.long)
         self.register_buffer("page_table", table.to(device), False)
 
@@ -62,11 +57,6 @@ class PagedKVCache(nn.Module):
     @property
     def capacity_tokens(self) -> int:
         return self.pool.usable * self.page_size
-
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k: torch.Tensor = getattr(self, f"k{layer}")
-        v: torch.Tensor = getattr(self, f"v{layer}")
-        return k, v
 
     # -- the model's side: no host sync, static shapes for a given (B, T, kv_len) --------------
     def update(
