@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from engine_support import drain as _drain
 
 from codellama_lsp.errors import WorkerError
 from codellama_lsp.model.engine import Engine
@@ -42,15 +43,6 @@ def _req(i: int, prompt: tuple[int, ...] | None = None, **params: object) -> Eng
     base = PARAMS[i % len(PARAMS)]
     sampling = SamplingParams(**{**base.__dict__, **params})  # type: ignore[arg-type]
     return EngineRequest(f"r{i}", PROMPTS[i] if prompt is None else prompt, sampling)
-
-
-def _drain(engine: Engine, limit: int = 500) -> list[Event]:
-    events: list[Event] = []
-    for _ in range(limit):
-        if not engine.has_work():
-            return events
-        events += engine.step()
-    raise AssertionError("the engine did not finish")
 
 
 def _alone(model: Transformer, request: EngineRequest) -> Generation:

@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 import torch
+from engine_support import drain as _drain
 
 from codellama_lsp.config import Config, add_model_arguments, apply_settings, config_from_cli_args
 from codellama_lsp.model.cuda_graphs import GraphedDecoder
@@ -24,7 +25,7 @@ from codellama_lsp.model.kv_pages import (
 )
 from codellama_lsp.model.paged_cache import PagedKVCache
 from codellama_lsp.model.transformer import Transformer
-from codellama_lsp.model.types import EngineRequest, Event, FinishEvent, Generation, SamplingParams
+from codellama_lsp.model.types import EngineRequest, FinishEvent, Generation, SamplingParams
 from codellama_lsp.worker.settings import WorkerSettings, settings_from
 
 _g = torch.Generator().manual_seed(21)
@@ -161,15 +162,6 @@ def test_padded_graph_steps_over_the_paged_cache_equal_the_plain_forward(
 
 # -- the engine on a small pool ------------------------------------------------------------------
 SEQ = 128
-
-
-def _drain(engine: Engine, limit: int = 500) -> list[Event]:
-    events: list[Event] = []
-    for _ in range(limit):
-        if not engine.has_work():
-            return events
-        events += engine.step()
-    raise AssertionError("the engine did not finish")
 
 
 def _alone(model: Transformer, request: EngineRequest) -> Generation:
