@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ceilings
@@ -23,6 +24,7 @@ import decode_loops as loops
 import engine_bench
 import profile_step
 import torch
+import torch.nn.functional as F
 from common import Results, base_parser, find_tokenizer, median_time, wall
 from decode_loops import Step
 from plan import Plan, make_plan
@@ -94,10 +96,21 @@ def linear_params(plan: Plan) -> int:
 
 
 def section_prefill(
-    model: Transformer, plan: Plan, device: torch.device, flops: float, out: Results, fast: bool
+    model: Transformer,
+    plan: Plan,
+    device: torch.device,
+    flops: float,
+    out: Results,
+    fast: bool,
+    profile: bool = False,
 ) -> None:
     """`fast`: as the engine prefills (causal kernel, last position's logits, the model's fast
-    kernels); else the plain forward (a `[T, T]` mask, logits of every position)."""
+    kernels); else the plain forward (a `[T, T]` mask, logits of every position). `profile`:
+    also a host and kernel profile of the fast prefill of 1,536 tokens."""
+    if fast and profile:
+        t = 1536
+        forward = _prefill_call(model, t, device, fast)
+        profile_step.run_prefill(forward, device, out, f"prefill_{plan.shape}_{t}_fast")
     for t in plan.prefill_lengths:
         seconds = _time_prefill(model, t, device, fast)
         a = plan.args
@@ -108,17 +121,27 @@ def section_prefill(
         _free(device)
 
 
-@torch.inference_mode()
 def _time_prefill(model: Transformer, t: int, device: torch.device, fast: bool) -> float:
     """Median seconds of one forward of `t` tokens from position 0."""
+    # median_time's warm-up call compiles this shape
+    return median_time(_prefill_call(model, t, device, fast), device, 3 if t <= 4096 else 1)
+
+
+def _prefill_call(
+    model: Transformer, t: int, device: torch.device, fast: bool
+) -> Callable[[], object]:
+    """One forward of `t` tokens from position 0, as a call."""
     cache = model.new_cache(1, t)
     tokens = torch.randint(3, 32000, (1, t), device=device)
     zero = torch.zeros(1, dtype=torch.long, device=device)
-    if fast:  # median_time's warm-up call compiles this shape
-        step = lambda: model(tokens, zero, cache, zero, t, start=0, last_only=True)  # noqa: E731
-    else:
-        step = lambda: model(tokens, zero, cache, zero, kv_len=t)  # noqa: E731
-    return median_time(step, device, 3 if t <= 4096 else 1)
+
+    @torch.inference_mode()
+    def forward() -> object:
+        if fast:
+            return model(tokens, zero, cache, zero, t, start=0, last_only=True)
+        return model(tokens, zero, cache, zero, kv_len=t)
+
+    return forward
 
 
 # -- decode ----------------------------------------------------------------------------------------
@@ -175,11 +198,18 @@ class DecodeState:
 
 
 def section_fast(
-    model: Transformer, plan: Plan, device: torch.device, state: DecodeState, copy_rate, out
+    model: Transformer,
+    plan: Plan,
+    device: torch.device,
+    state: DecodeState,
+    copy_rate: float,
+    out: Results,
+    profile: bool = False,
 ) -> float | None:
-    """The engine's fast kernels: fused projections, compiled elementwise ops, graphs. Decode
-    tok/s per batch and greedy agreement with the plain eager runs of the decode section.
-    Returns the batch-1 step's seconds."""
+    """The engine's fast kernels: fused projections, compiled elementwise ops, the Triton GEMV,
+    graphs. Decode tok/s per batch and greedy agreement with the plain eager runs of the decode
+    section; batch 1 again with cuBLAS's products instead of the GEMV. Returns the batch-1
+    step's seconds."""
     seconds = wall(lambda: _make_fast(model, device), device)
     out.add(f"fast_setup_{plan.shape}", seconds, "s", note="fuse projections + compile a prefill")
     decoder = GraphedDecoder(
@@ -213,7 +243,39 @@ def section_fast(
         value = 100 * (agreement.rows_equal + agreement.ties) / agreement.rows
         note = f"{plan.exact_steps} greedy steps: {agreement.summary()}"
         out.add(f"greedy_fast_vs_eager_{plan.shape}_b{b}", value, "% rows", None, note)
+    if profile:
+        profile_step.run(decoder.decode, state.first, plan.decode_ctx, out, f"{plan.shape}_fast")
+    _fast_without(model, plan, device, state, copy_rate, out)
     return step_b1
+
+
+def _fast_without(
+    model: Transformer,
+    plan: Plan,
+    device: torch.device,
+    state: DecodeState,
+    copy_rate: float,
+    out: Results,
+) -> None:
+    """Batch 1 of the fast path without each Triton kernel in turn: what each one changes."""
+    fast = model.ops
+    variants = {
+        "cublas": ("cuBLAS one-row products", {"linear": F.linear}),
+        "gathered": ("gathered K/V + SDPA", {"decode_attention": None}),
+    }
+    for label, (what, change) in variants.items():
+        model.ops = replace(fast, **change)  # type: ignore[arg-type]
+        decoder = GraphedDecoder(
+            model, state.cache, mode="graphs" if device.type == "cuda" else "padded"
+        )
+        decoder.capture((1,), state.cache.max_seq_len)
+        loops.decode(decoder.decode, state.first[:1], plan.decode_ctx, 2)
+        run = loops.decode(decoder.decode, state.first[:1], plan.decode_ctx, plan.decode_steps)
+        tok_s = plan.decode_steps / run.seconds
+        floor = decode_floor_tok_s(plan, 1, plan.decode_ctx + plan.decode_steps / 2, copy_rate)
+        note = f"{run.seconds / plan.decode_steps * 1e3:.2f} ms/step; {what}"
+        out.add(f"decode_{plan.shape}_b1_fast_{label}", tok_s, "tok/s", 100 * tok_s / floor, note)
+    model.ops = fast
 
 
 def _make_fast(model: Transformer, device: torch.device) -> None:
@@ -321,7 +383,7 @@ def main() -> None:
         out.finish()
         return
     if state is not None:
-        fast_b1 = section_fast(model, plan, device, state, copy_rate, out)
+        fast_b1 = section_fast(model, plan, device, state, copy_rate, out, run.profile)
         if step_b1 is not None and fast_b1 is not None:
             step_b1 = (step_b1[0], fast_b1)
         del state
@@ -329,7 +391,7 @@ def main() -> None:
     else:
         _make_fast(model, device)
     if "prefill" not in skip:
-        section_prefill(model, plan, device, flops, out, fast=True)
+        section_prefill(model, plan, device, flops, out, fast=True, profile=run.profile)
     if "engine" not in skip:
         engine_bench.run(model, plan, device, step_b1, out, fast=True)
     out.finish()

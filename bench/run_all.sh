@@ -31,7 +31,7 @@ done
 device=cuda; [ -n "$tiny" ] && device=cpu
 
 [ $tests = 1 ] && step 240 "GPU tests" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_cuda_graphs.py tests/test_fast_paths.py
+  tests/test_cuda_graphs.py tests/test_fast_paths.py tests/test_triton_kernels.py
 step 60 ceilings python3 bench/ceilings.py --device $device $tiny --json "$RESULTS"
 for m in $models; do
   flag="--model $m"; [ "$m" = tiny ] && flag="--tiny"

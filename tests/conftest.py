@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
+import torch
+
+
+def _import_triton_for_its_interpreter() -> None:
+    """On CPU-only machines, import Triton with its interpreter chosen: its library functions
+    (`tl.zeros`, ...) are made interpreted or compiled at import. The variable is then unset, so
+    kernels run interpreted only where a test sets it (tests/test_triton_kernels.py) and rank
+    processes started by other tests never inherit it."""
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with contextlib.suppress(ImportError):
+            import triton.language  # noqa: F401
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+_import_triton_for_its_interpreter()
+
+
+# Imports below the call above: some of them import Triton (through torch._dynamo).
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-import torch
 from test_lsp_support import PROFILES, running_server, server_command, test_config
 
 from codellama_lsp.model import parallel

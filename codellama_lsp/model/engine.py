@@ -168,9 +168,10 @@ class Engine:
         self._samples = parallel.model_parallel_rank() == 0
 
     def _speed_up(self, capture_kv_len: int, compile_ops: bool) -> None:
-        """Fuse the projections, compile the elementwise kernels (CUDA) and record the common
-        graphs now, so that no request waits for them. Compilation needs Triton: without it (or
-        if anything here fails) the model keeps its eager kernels, which compute the same."""
+        """Fuse the projections, compile the elementwise kernels (CUDA), make the Triton kernels
+        (one-row products, one-token attention) and record the common graphs now, so that no
+        request waits for them. All of it needs Triton: without it (or if anything here fails)
+        the model keeps its eager kernels, which compute the same."""
         self.model.fuse_projections()
         self.model.use_compiled_ops(compile_ops)
         started = time.monotonic()
@@ -178,7 +179,7 @@ class Engine:
             self._warm_up(capture_kv_len)
         except Exception as exc:  # inductor and Triton raise many kinds
             log.warning("compiled kernels unavailable, using eager ones: %s", exc)
-            self.model.use_compiled_ops(False)
+            self.model.use_compiled_ops(False, triton_kernels=False)
             self.decoder = GraphedDecoder(
                 self.model, self.cache, allow_collectives=self.decoder.allow_collectives
             )

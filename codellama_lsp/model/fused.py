@@ -16,10 +16,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+from codellama_lsp.model import decode_attention, gemv
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (q, keys, values, page_rows, page_size, start_pos, kv_len) -> out: see `decode_attention.attend`
+DecodeAttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, int], torch.Tensor
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +83,27 @@ class LayerOps:
     ]
     rope_qk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    linear: LinearFn = F.linear
+    # Attention of one-token steps straight from the cache's pages; None: gather, then SDPA.
+    decode_attention: DecodeAttentionFn | None = None
     compiled: bool = False
 
     @staticmethod
     def eager() -> LayerOps:
         return LayerOps(rms_norm, add_rms_norm, rope_qk, silu_mul)
+
+    def with_triton_kernels(self) -> LayerOps:
+        """These ops, with one-row matrix products through `gemv`, one-token steps' attention
+        through `decode_attention` and the rotary embedding through `rope_kernel` (Triton
+        kernels, compiled at their first call)."""
+        from codellama_lsp.model import rope_kernel  # it imports this module
+
+        return replace(
+            self,
+            rope_qk=rope_kernel.rope_qk,
+            linear=gemv.linear,
+            decode_attention=decode_attention.attend,
+        )
 
     @staticmethod
     def compiled_ops() -> LayerOps:

@@ -21,9 +21,31 @@ class AttentionCache(Protocol):
     n_layers: int
     max_batch_size: int
     max_seq_len: int
+    page_size: int
 
     @property
     def device(self) -> torch.device: ...
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V as pages `[n_pages, page_size, H_kv, D]`."""
+        ...
+
+    def page_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """`[B, n]`: row b's position p lives in page `page_rows[b, p // page_size]`."""
+        ...
+
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        start_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        page_rows: torch.Tensor | None = None,
+    ) -> None:
+        """Write `k`, `v` `[B, T, H, D]` at positions `start_pos[b]..+T` of `slots[b]`, whose
+        pages are `page_rows` when the caller has them (`page_rows(slots)`)."""
+        ...
 
     def update(
         self,
@@ -78,10 +100,32 @@ class KVCache(LayerBuffers):
     ) -> None:
         shape = (max_batch_size, max_seq_len, n_local_kv_heads, head_dim)
         super().__init__(n_layers, max_batch_size, max_seq_len, shape, dtype, device)
+        # Seen as pages (decode attention's kernel): one page of max_seq_len positions per slot.
+        self.page_size = max_seq_len
 
     @property
     def device(self) -> torch.device:
         return self.layer(0)[0].device
+
+    def page_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        return slots[:, None]
+
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        start_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        page_rows: torch.Tensor | None = None,
+    ) -> None:
+        """Write `k`, `v` `[B, T, H, D]` at positions `start_pos[b]..+T` of `slots[b]` (a slot is
+        its own page: `page_rows` is not needed)."""
+        cache_k, cache_v = self.layer(layer)
+        positions = start_pos[:, None] + torch.arange(k.shape[1], device=k.device)
+        rows = slots[:, None].expand_as(positions)
+        cache_k.index_put_((rows, positions), k.to(cache_k.dtype))
+        cache_v.index_put_((rows, positions), v.to(cache_v.dtype))
 
     def update(
         self,
@@ -92,16 +136,12 @@ class KVCache(LayerBuffers):
         v: torch.Tensor,
         kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k`, `v` `[B, T, H, D]` at positions `start_pos[b]..+T` of `slots[b]`.
-
-        Returns the keys and values of those slots over positions `0..kv_len` (`[B, kv_len, H, D]`,
-        default the whole cache); the caller masks positions a row has not reached.
+        """`write`, then the keys and values of those slots over positions `0..kv_len`
+        (`[B, kv_len, H, D]`, default the whole cache); the caller masks positions a row has not
+        reached.
         """
+        self.write(layer, slots, start_pos, k, v)
         cache_k, cache_v = self.layer(layer)
-        positions = start_pos[:, None] + torch.arange(k.shape[1], device=k.device)
-        rows = slots[:, None].expand_as(positions)
-        cache_k.index_put_((rows, positions), k.to(cache_k.dtype))
-        cache_v.index_put_((rows, positions), v.to(cache_v.dtype))
         length = self.max_seq_len if kv_len is None else kv_len
         # Advanced indexing here, not index_select: on a strided `[:, :length]` view
         # index_select took a slower path (run 8 of BENCHMARKS.md: batch 16 17.1 ms/step

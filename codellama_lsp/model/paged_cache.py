@@ -59,6 +59,29 @@ class PagedKVCache(LayerBuffers):
         return self.pool.usable * self.page_size
 
     # -- the model's side: no host sync, static shapes for a given (B, T, kv_len) --------------
+    def page_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.table()[slots]
+
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        start_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        page_rows: torch.Tensor | None = None,
+    ) -> None:
+        """Write `k`, `v` `[B, T, H, D]` at positions `start_pos[b]..+T` of `slots[b]`, whose
+        pages are `page_rows` when the caller has them (read once for every layer)."""
+        if page_rows is None:
+            page_rows = self.page_rows(slots)
+        pool_k, pool_v = self.layer(layer)
+        positions = start_pos[:, None] + torch.arange(k.shape[1], device=k.device)
+        pages = page_rows.gather(1, positions // self.page_size)
+        offsets = positions % self.page_size
+        pool_k.index_put_((pages, offsets), k.to(pool_k.dtype))
+        pool_v.index_put_((pages, offsets), v.to(pool_v.dtype))
+
     def update(
         self,
         layer: int,
@@ -70,13 +93,9 @@ class PagedKVCache(LayerBuffers):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `KVCache.update`: write `k`, `v` `[B, T, H, D]` at positions `start_pos[b]..+T` of
         `slots[b]`, return those slots' keys and values over positions `0..kv_len`."""
-        pool_k, pool_v = self.layer(layer)
-        positions = start_pos[:, None] + torch.arange(k.shape[1], device=k.device)
         table = self.table()[slots]  # [B, max_pages]
-        pages = table.gather(1, positions // self.page_size)
-        offsets = positions % self.page_size
-        pool_k.index_put_((pages, offsets), k.to(pool_k.dtype))
-        pool_v.index_put_((pages, offsets), v.to(pool_v.dtype))
+        self.write(layer, slots, start_pos, k, v, table)
+        pool_k, pool_v = self.layer(layer)
         length = self.max_seq_len if kv_len is None else kv_len
         read = table[:, : -(-length // self.page_size)]  # [B, n]
         b, n = read.shape

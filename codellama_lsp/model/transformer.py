@@ -23,10 +23,11 @@ from torch.nn.attention.bias import causal_lower_right
 from codellama_lsp.errors import CheckpointError
 from codellama_lsp.model import fused, parallel
 from codellama_lsp.model.args import ModelArgs
-from codellama_lsp.model.fused import LayerOps
+from codellama_lsp.model.fused import DecodeAttentionFn, LayerOps, LinearFn
 from codellama_lsp.model.kv_cache import AttentionCache, KVCache
 from codellama_lsp.model.kv_pages import kv_bytes_per_token
 from codellama_lsp.model.paged_cache import PagedKVCache
+from codellama_lsp.model.triton_support import available as triton_available
 
 # Positions covered by the rotary tables: Code Llama holds up to about 100k tokens.
 DEFAULT_MAX_SEQ_LEN = 131072
@@ -77,8 +78,8 @@ class _Column(ColumnParallelLinear):
         self.master_weight = None
         self.world = world
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, linear: LinearFn = F.linear) -> torch.Tensor:
+        out = linear(x, self.weight)
         if self.world == 1 or not self.gather_output:
             return out
         return parallel.all_gather_last_dim(out)
@@ -96,8 +97,8 @@ class _Row(RowParallelLinear):
         self.master_weight = None
         self.world = world
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, linear: LinearFn = F.linear) -> torch.Tensor:
+        out = linear(x, self.weight)
         return out if self.world == 1 else parallel.all_reduce_sum(out)
 
 
@@ -148,19 +149,53 @@ class Attention(nn.Module):
         # wq, wk and wv side by side (see `fuse_projections`); not part of the state dict.
         self.register_buffer("wqkv", None, persistent=False)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(
+        self, x: torch.Tensor, linear: LinearFn = F.linear
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         h, h_kv, d = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         if self.wqkv is None:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q, k, v = self.wq(x, linear), self.wk(x, linear), self.wv(x, linear)
         else:
-            q, k, v = F.linear(x, self.wqkv).split([h * d, h_kv * d, h_kv * d], dim=-1)
+            q, k, v = linear(x, self.wqkv).split([h * d, h_kv * d, h_kv * d], dim=-1)
         return q.view(b, t, h, d), k.view(b, t, h_kv, d), v.view(b, t, h_kv, d)
 
     def forward(self, x: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, ctx.ops.linear)
         q, k = ctx.ops.rope_qk(q, k, ctx.rope)
+        if ctx.in_place:
+            out = self._attend_in_place(q, k, v, ctx)
+        elif ctx.is_causal:
+            out = self._attend_own_keys(q, k, v, ctx)
+        else:
+            out = self._attend_gathered(q, k, v, ctx)
+        return self.wo(out.reshape(b, t, -1), ctx.ops.linear)
+
+    def _attend_own_keys(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _StepContext
+    ) -> torch.Tensor:
+        """A prefill from position 0: the chunk's own keys and values are all there are, so
+        attention reads them as they are instead of a copy read back from the cache (the same
+        values: rounded to the cache's dtype as the cache holds them). `[B, T, H, D]`."""
+        cache = ctx.cache
+        cache.write(self.layer_id, ctx.slots, ctx.start_pos, k, v, ctx.page_rows)
+        dtype = cache.layer(self.layer_id)[0].dtype
+        n_rep = self.n_local_heads // self.n_local_kv_heads
+        keys, values = repeat_kv(k.to(dtype), n_rep), repeat_kv(v.to(dtype), n_rep)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys.transpose(1, 2).to(q.dtype),
+            values.transpose(1, 2).to(q.dtype),
+            is_causal=True,
+        )
+        return out.transpose(1, 2)
+
+    def _attend_gathered(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _StepContext
+    ) -> torch.Tensor:
+        """The plain path: the cache returns a copy of the attended keys and values; SDPA with
+        the forward's mask. `[B, T, H, D]`."""
         keys, values = ctx.cache.update(self.layer_id, ctx.slots, ctx.start_pos, k, v, ctx.kv_len)
         n_rep = self.n_local_heads // self.n_local_kv_heads
         keys, values = repeat_kv(keys, n_rep), repeat_kv(values, n_rep)
@@ -171,7 +206,18 @@ class Attention(nn.Module):
             attn_mask=ctx.mask,
             is_causal=ctx.is_causal,
         )
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        return out.transpose(1, 2)
+
+    def _attend_in_place(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _StepContext
+    ) -> torch.Tensor:
+        """One-token steps: write the new key and value, then attend over the cache's pages
+        where they lie (`decode_attention`). `[B, 1, H, D]`."""
+        cache, page_rows = ctx.cache, cast(torch.Tensor, ctx.page_rows)
+        cache.write(self.layer_id, ctx.slots, ctx.start_pos, k, v, page_rows)
+        keys, values = cache.layer(self.layer_id)
+        attend = cast(DecodeAttentionFn, ctx.ops.decode_attention)
+        return attend(q, keys, values, page_rows, cache.page_size, ctx.start_pos, ctx.kv_len)
 
 
 class FeedForward(nn.Module):
@@ -188,10 +234,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
         if self.w13 is None:
-            gate, up = self.w1(x), self.w3(x)
+            gate, up = self.w1(x, ops.linear), self.w3(x, ops.linear)
         else:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        return self.w2(ops.silu_mul(gate, up))
+            gate, up = ops.linear(x, self.w13).chunk(2, dim=-1)
+        return self.w2(ops.silu_mul(gate, up), ops.linear)
 
 
 class TransformerBlock(nn.Module):
@@ -231,6 +277,10 @@ class _StepContext:
         # A boolean mask tensor, a causal bias object, or None with `is_causal`.
         self.mask, self.is_causal = mask, False
         self.slots, self.start_pos, self.kv_len = slots, start_pos, kv_len
+        # One-token steps attend in place (`decode_attention`). Rows' pages, read once for all
+        # layers: set for those steps and for prefills from position 0 (`is_causal`).
+        self.in_place = False
+        self.page_rows: torch.Tensor | None = None
 
 
 def _attention_mask(
@@ -343,7 +393,13 @@ class Transformer(nn.Module):
         ctx = _StepContext(
             self.ops, self.freqs_cis[positions], None, cache, slots, start_pos, kv_len
         )
-        ctx.mask, ctx.is_causal = _attention_mask(positions, kv_len, t, start)
+        ctx.in_place = (
+            t == 1 and self.ops.decode_attention is not None and triton_available(tokens.device)
+        )
+        if not ctx.in_place:
+            ctx.mask, ctx.is_causal = _attention_mask(positions, kv_len, t, start)
+        if ctx.in_place or ctx.is_causal:
+            ctx.page_rows = cache.page_rows(slots)
         h = self.tok_embeddings(tokens)
         pending = torch.zeros_like(h)  # h + 0 is h exactly: the first block's add is a no-op
         for layer in self.blocks():
@@ -351,14 +407,19 @@ class Transformer(nn.Module):
         if last_only:
             h, pending = h[:, -1:], pending[:, -1:]
         _, x = self.ops.add_rms_norm(h, pending, self.norm.weight, self.norm.eps)
-        return self.output(x).float()  # type: ignore[no-any-return]
+        return self.output(x, self.ops.linear).float()  # type: ignore[no-any-return]
 
     def blocks(self) -> list[TransformerBlock]:
         return [cast(TransformerBlock, layer) for layer in self.layers]
 
-    def use_compiled_ops(self, enabled: bool = True) -> None:
-        """Run the layers' elementwise work through torch.compile (CUDA; see `fused`)."""
-        self.ops = LayerOps.compiled_ops() if enabled else LayerOps.eager()
+    def use_compiled_ops(self, enabled: bool = True, *, triton_kernels: bool = True) -> None:
+        """Run the layers' elementwise work through torch.compile (`enabled`: CUDA), and with
+        `triton_kernels` the one-row matrix products and one-token steps' attention through
+        Triton where it runs (CUDA, or its CPU interpreter: see `triton_support`)."""
+        ops = LayerOps.compiled_ops() if enabled else LayerOps.eager()
+        if triton_kernels and triton_available(self.norm.weight.device):
+            ops = ops.with_triton_kernels()
+        self.ops = ops
 
     @torch.no_grad()
     def fuse_projections(self) -> None:

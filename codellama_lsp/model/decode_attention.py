@@ -1,0 +1,196 @@
+"""Decode attention that reads the KV cache in place, as Triton kernels (split-K, "flash decoding").
+
+Why: the plain path gathers every attended key and value of a row into a fresh `[B, kv_len, H, D]`
+tensor each layer (advanced indexing or `index_select` of pages), then attention reads that copy
+again: the keys cross memory three times, through generic copy kernels. At batch 1 with 512
+tokens of context the gathers were ~0.9 ms of a 5.2 ms step; at batch 16 about a third of the
+step (BENCHMARKS.md runs 8 and 11), and the copy needs memory beside the pool.
+
+Here each program takes one (row, query head, span of positions), walks the row's page table for
+its span and keeps a running softmax in float32; a second kernel merges the spans by their
+log-sum-exp. The number of spans depends only on the batch, the heads and `kv_len`, so a CUDA
+graph captured for a bucket replays with any positions up to it.
+
+Both caches are read through pages: the paged cache's pool (`[n_pages, page_size, H_kv, D]` and
+each row's page table), and the static cache as one page of `max_seq_len` positions per slot.
+Row b's query at position p sees keys 0..p, as the plain path's mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+from codellama_lsp.model.triton_support import triton_module
+
+BLOCK_T = 32  # positions per loop iteration
+MIN_SPAN = 64  # positions per program at least
+TARGET_PROGRAMS = 528  # 4 per SM of an H100/H200: enough to stream the keys at full rate
+
+
+def span_for(rows: int, heads: int, kv_len: int) -> int:
+    """Positions per program: short enough to give ~TARGET_PROGRAMS programs, a BLOCK_T multiple."""
+    spans = max(1, min(TARGET_PROGRAMS // max(1, rows * heads), -(-kv_len // MIN_SPAN)))
+    span = -(-kv_len // spans)
+    return -(-span // BLOCK_T) * BLOCK_T
+
+
+def attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    page_rows: torch.Tensor,
+    page_size: int,
+    start_pos: torch.Tensor,
+    kv_len: int,
+) -> torch.Tensor:
+    """Attention of one query per row, `q [B, 1, H, D]`, over the cached keys 0..start_pos[b].
+
+    `keys`, `values`: `[n_pages, page_size, H_kv, D]`; `page_rows [B, n]`: the pages of each
+    row's positions (position p in page `page_rows[b, p // page_size]`). `kv_len` bounds every
+    row's positions (at least `max(start_pos) + 1`). Returns `[B, 1, H, D]` in q's dtype.
+    """
+    b, t, h, d = q.shape
+    h_kv = keys.shape[2]
+    if t != 1 or h % h_kv or keys.stride(3) != 1 or d & (d - 1):
+        raise ValueError(f"decode attention needs one query per row, got {tuple(q.shape)}")
+    span = span_for(b, h, kv_len)
+    spans = -(-kv_len // span)
+    qv = q.reshape(b, h, d)
+    partial = torch.empty(b, h, spans, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, spans, dtype=torch.float32, device=q.device)
+    rows = page_rows.to(torch.int32) if page_rows.dtype != torch.int32 else page_rows
+    split, merge = _kernels()
+    split[(b, h, spans)](
+        qv,
+        keys,
+        values,
+        rows,
+        start_pos,
+        partial,
+        lse,
+        qv.stride(0),
+        qv.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        rows.stride(0),
+        page_size,
+        h // h_kv,
+        kv_len,
+        span,
+        spans,
+        1.0 / math.sqrt(d),
+        D=d,
+        BLOCK_T=BLOCK_T,
+        num_warps=4,
+    )
+    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    merge[(b, h)](partial, lse, out, spans, D=d, SPANS=_pow2(spans), num_warps=4)
+    return out.view(b, 1, h, d)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """The jitted kernels, made at first use (see `triton_support`)."""
+    triton = triton_module()
+    tl = triton.language
+
+    # Integer arguments that vary between calls are not specialised on (Triton would compile a
+    # variant for values of 1 or multiples of 16): no compilation in the middle of serving.
+    @triton.jit(do_not_specialize=["page_size", "kv_len", "span", "spans"])  # type: ignore[misc]
+    def split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        rows_ptr,
+        start_ptr,
+        partial_ptr,
+        lse_ptr,
+        stride_qb,
+        stride_qh,
+        stride_kp,
+        stride_kt,
+        stride_kh,
+        stride_vp,
+        stride_vt,
+        stride_vh,
+        stride_rows,
+        page_size,
+        n_rep,
+        kv_len,
+        span,
+        spans,
+        scale,
+        D: tl.constexpr,  # type: ignore[name-defined]
+        BLOCK_T: tl.constexpr,  # type: ignore[name-defined]
+    ):
+        row, head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kv_head = head // n_rep
+        dims = tl.arange(0, D)
+        q = tl.load(q_ptr + row * stride_qb + head * stride_qh + dims).to(tl.float32) * scale
+        length = tl.minimum(tl.load(start_ptr + row) + 1, kv_len)
+        begin = part * span
+        end = tl.minimum(begin + span, length)
+        best = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)
+        acc = tl.zeros((D,), tl.float32)
+        for first in tl.range(begin, end, BLOCK_T):
+            pos = first + tl.arange(0, BLOCK_T)
+            ok = pos < end
+            page = tl.load(rows_ptr + row * stride_rows + pos // page_size, mask=ok, other=0)
+            page = page.to(tl.int64)
+            slot = pos % page_size
+            k_off = page * stride_kp + slot * stride_kt + kv_head * stride_kh
+            k = tl.load(k_ptr + k_off[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+            scores = tl.where(ok, scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=0))
+            weights = tl.exp(scores - new_best)
+            rescale = tl.exp(best - new_best)
+            v_off = page * stride_vp + slot * stride_vt + kv_head * stride_vh
+            v = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+            total = total * rescale + tl.sum(weights, axis=0)
+            best = new_best
+        at = (row * tl.num_programs(1) + head) * spans + part
+        # A span past the row's length: nothing summed, best is -inf, so its weight is 0.
+        total = tl.where(total == 0.0, 1.0, total)
+        tl.store(partial_ptr + at * D + dims, acc / total)
+        tl.store(lse_ptr + at, best + tl.log(total))
+
+    @triton.jit(do_not_specialize=["spans"])  # type: ignore[misc]
+    def merge_kernel(
+        partial_ptr,
+        lse_ptr,
+        out_ptr,
+        spans,
+        D: tl.constexpr,  # type: ignore[name-defined]
+        SPANS: tl.constexpr,  # type: ignore[name-defined]
+    ):
+        row, head = tl.program_id(0), tl.program_id(1)
+        at = row * tl.num_programs(1) + head
+        idx = tl.arange(0, SPANS)
+        ok = idx < spans
+        lse = tl.load(lse_ptr + at * spans + idx, mask=ok, other=float("-inf"))
+        weights = tl.exp(lse - tl.max(lse, axis=0))
+        dims = tl.arange(0, D)
+        parts = tl.load(
+            partial_ptr + (at * spans + idx)[:, None] * D + dims[None, :],
+            mask=ok[:, None],
+            other=0.0,
+        )
+        out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+        tl.store(out_ptr + at * D + dims, out.to(out_ptr.dtype.element_ty))
+
+    return split_kernel, merge_kernel

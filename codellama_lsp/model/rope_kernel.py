@@ -1,0 +1,107 @@
+"""The rotary embedding of queries and keys as one Triton kernel.
+
+Why: inductor's kernel for `fused.rope_qk` (compiled with dynamic shapes) moved ~450 GB/s on an
+H100, so rotating a 1,536-token prompt's queries and keys took 3.5 of its 37.6 ms of GPU time
+(BENCHMARKS.md run 12's profile), and each call paid dynamo's guards on the host. Here one
+program rotates one token: it loads the token's cos/sin row once and every head's pairs.
+
+The math is the reference's: adjacent pairs are complex numbers multiplied by (cos, sin) in
+float32, then cast back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from codellama_lsp.model import fused
+from codellama_lsp.model.triton_support import available, triton_module
+
+
+def rope_qk(
+    q: torch.Tensor, k: torch.Tensor, table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `fused.rope_qk`: `q [B, T, H, D]`, `k [B, T, H_kv, D]` rotated by `table [B, T, D/2,
+    2]`; through the kernel where it runs, else the eager math."""
+    if not available(q.device) or not (_token_major(q) and _token_major(k)):
+        return fused.rope_qk(q, k, table)
+    b, t, h, d = q.shape
+    h_kv = k.shape[2]
+    rows = table.reshape(b * t, d // 2, 2)
+    if not rows.is_contiguous() or rows.dtype != torch.float32:
+        rows = rows.contiguous().float()
+    q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    k_out = torch.empty_like(k, memory_format=torch.contiguous_format)
+    _kernel()[(b * t,)](
+        q,
+        k,
+        rows,
+        q_out,
+        k_out,
+        q.stride(1),
+        k.stride(1),
+        H=h,
+        H_KV=h_kv,
+        HEADS=_pow2(max(h, h_kv)),
+        HALF=d // 2,
+        num_warps=4,
+    )
+    return q_out, k_out
+
+
+def _token_major(x: torch.Tensor) -> bool:
+    """Tokens at one stride (`[B, T]` flattens), heads of `D` contiguous values each."""
+    b, t, _, d = x.shape
+    return (
+        (x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == t * x.stride(1)))
+        and d % 2 == 0
+        and (d // 2) & (d // 2 - 1) == 0
+    )
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The jitted kernel, made at first use (see `triton_support`)."""
+    triton = triton_module()
+    tl = triton.language
+
+    @triton.jit  # type: ignore[misc]
+    def rope_kernel(
+        q_ptr,
+        k_ptr,
+        table_ptr,
+        q_out_ptr,
+        k_out_ptr,
+        stride_q,
+        stride_k,
+        H: tl.constexpr,  # type: ignore[name-defined]
+        H_KV: tl.constexpr,  # type: ignore[name-defined]
+        HEADS: tl.constexpr,  # type: ignore[name-defined]
+        HALF: tl.constexpr,  # type: ignore[name-defined]
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        pairs = tl.arange(0, HALF)
+        cos = tl.load(table_ptr + token * 2 * HALF + 2 * pairs)[None, :]
+        sin = tl.load(table_ptr + token * 2 * HALF + 2 * pairs + 1)[None, :]
+        heads = tl.arange(0, HEADS)[:, None]
+        at = heads * 2 * HALF + 2 * pairs[None, :]  # the real part of each pair
+        # Queries, then keys (the same lines twice: a kernel made in a closure cannot call a
+        # helper kernel).
+        ok, src, dst = heads < H, q_ptr + token * stride_q, q_out_ptr + token * H * 2 * HALF
+        re = tl.load(src + at, mask=ok, other=0.0).to(tl.float32)
+        im = tl.load(src + at + 1, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dst + at, (re * cos - im * sin).to(dst.dtype.element_ty), mask=ok)
+        tl.store(dst + at + 1, (re * sin + im * cos).to(dst.dtype.element_ty), mask=ok)
+        ok, src, dst = heads < H_KV, k_ptr + token * stride_k, k_out_ptr + token * H_KV * 2 * HALF
+        re = tl.load(src + at, mask=ok, other=0.0).to(tl.float32)
+        im = tl.load(src + at + 1, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dst + at, (re * cos - im * sin).to(dst.dtype.element_ty), mask=ok)
+        tl.store(dst + at + 1, (re * sin + im * cos).to(dst.dtype.element_ty), mask=ok)
+
+    return rope_kernel

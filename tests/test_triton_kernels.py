@@ -1,0 +1,269 @@
+"""The Triton kernels (`gemv`, `decode_attention`) on the CPU, through Triton's interpreter.
+
+The interpreter runs the very kernel code the GPU compiles, program by program, so these tests
+check their indexing, masking and math: against float64 references, then inside the model and
+the engine against the plain path (float32: tokens must be equal, logits within 1e-5).
+Where CUDA is present the kernel tests run compiled on the GPU instead (the model and engine
+ones are then `test_fast_paths`'s GPU test); bench/ times the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codellama_lsp.model import decode_attention, fused, gemv, rope_kernel, triton_support
+from codellama_lsp.model.engine import Engine
+from codellama_lsp.model.engine_events import collect
+from codellama_lsp.model.random_checkpoint import TINY_ARGS, StateDict
+from codellama_lsp.model.transformer import Transformer, build_transformer
+from codellama_lsp.model.types import EngineRequest, Event, SamplingParams
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+cpu_only = pytest.mark.skipif(ON_GPU, reason="the interpreter's CPU tests")
+
+_g = torch.Generator().manual_seed(11)
+PROMPT = torch.randint(3, 32000, (60,), generator=_g)
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Kernels made for Triton's CPU interpreter (no GPU here), and made again afterwards."""
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = (gemv._kernel, decode_attention._kernels, rope_kernel._kernel)
+    for made in kernels:
+        made.cache_clear()
+    yield
+    for made in kernels:
+        made.cache_clear()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.cpu().double() - want).norm() / want.norm())
+
+
+# -- gemv ------------------------------------------------------------------------------------------
+GPU_CONFIGS = [gemv.GemvConfig(2, 1024, 4, 1), gemv.GemvConfig(16, 256, 4, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(48, 256), (37, 300), (64, 1024), (33, 1000)])
+def test_gemv_computes_the_product(n: int, k: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, 1, k, generator=g).to(DEVICE, dtype)
+    w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
+    want = F.linear(x.double(), w.double()).cpu()
+    tolerance = 1e-6 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding only
+    for config in [None, *GPU_CONFIGS]:  # even and masked rows and columns
+        got = gemv.gemv(x, w, config)
+        assert got.shape == (1, 1, n) and got.dtype == dtype
+        assert _rel_err(got, want) < tolerance, config
+
+
+def test_linear_sends_only_one_row_products_to_the_kernel() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 64, generator=g).to(DEVICE)
+    rows = torch.randn(3, 64, generator=g).to(DEVICE)
+    assert torch.equal(gemv.linear(rows, w), F.linear(rows, w))  # cuBLAS/ATen: bitwise
+    one = rows[1:2]
+    torch.testing.assert_close(gemv.linear(one, w), F.linear(one, w), rtol=1e-5, atol=1e-5)
+    weight_strided = torch.randn(64, 40, generator=g).to(DEVICE).t()
+    with pytest.raises(ValueError, match="contiguous rows"):
+        gemv.gemv(one, weight_strided)
+    with pytest.raises(ValueError, match="one row"):
+        gemv.gemv(rows, w)
+
+
+@cpu_only
+def test_without_the_interpreter_the_cpu_keeps_aten(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not triton_support.available(torch.device("cpu"))
+    w, x = torch.randn(8, 16), torch.randn(1, 16)
+    assert torch.equal(gemv.linear(x, w), F.linear(x, w))
+
+
+def test_gpu_launch_shapes_divide_codellamas_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for n, k in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32016, 5120)]:
+        config = gemv.config_for(n, k)
+        assert n % config.block_n == 0
+
+
+# -- decode attention ------------------------------------------------------------------------------
+def _reference_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    page_rows: torch.Tensor,
+    page_size: int,
+    start_pos: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax attention in float64 over each row's positions 0..start_pos, read page by page."""
+    b, _, h, d = q.shape
+    n_rep = h // keys.shape[2]
+    out = []
+    for row in range(b):
+        pos = torch.arange(int(start_pos[row]) + 1)
+        pages = page_rows[row][pos // page_size]
+        k = keys[pages, pos % page_size].double().repeat_interleave(n_rep, dim=1)
+        v = values[pages, pos % page_size].double().repeat_interleave(n_rep, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[row, 0].double(), k) / math.sqrt(d)
+        out.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v))
+    return torch.stack(out)[:, None]
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, page_size, kv_len, dtype",
+    [
+        (4, 4, 16, 200, torch.float32),  # many spans, pages of the paged cache
+        (4, 2, 16, 130, torch.bfloat16),  # grouped-query heads, bf16 cache
+        (2, 2, 7, 45, torch.float32),  # a page size that is no power of two
+        (4, 1, 96, 96, torch.float32),  # the static cache: one page per slot
+    ],
+)
+def test_decode_attention_matches_softmax_attention(
+    heads: int, kv_heads: int, page_size: int, kv_len: int, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(kv_len)
+    rows, d = 3, 32
+    per_row = -(-kv_len // page_size) + 1
+    n_pages = rows * per_row + 2
+    keys = torch.randn(n_pages, page_size, kv_heads, d, generator=g).to(dtype)
+    values = torch.randn(n_pages, page_size, kv_heads, d, generator=g).to(dtype)
+    # Rows own shuffled pages; row 1 is short, so most of its spans hold no position.
+    page_rows = torch.randperm(n_pages, generator=g)[: rows * per_row].view(rows, per_row)
+    start_pos = torch.tensor([kv_len - 1, 3, kv_len // 2])
+    q = torch.randn(rows, 1, heads, d, generator=g).to(dtype)
+    on = [t.to(DEVICE) for t in (q, keys, values, page_rows, start_pos)]
+    got = decode_attention.attend(on[0], on[1], on[2], on[3], page_size, on[4], kv_len)
+    want = _reference_attention(q, keys, values, page_rows, page_size, start_pos)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert _rel_err(got, want) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+def test_spans_cover_every_position_in_block_multiples() -> None:
+    for rows in (1, 2, 16, 17):
+        for heads in (1, 16, 32, 40):
+            for kv_len in (1, 31, 64, 512, 4096, 16384, 100_000):
+                span = decode_attention.span_for(rows, heads, kv_len)
+                spans = -(-kv_len // span)
+                assert span % decode_attention.BLOCK_T == 0
+                assert span >= min(decode_attention.MIN_SPAN, kv_len)
+                assert spans * span >= kv_len and (spans - 1) * span < kv_len
+                # Enough programs to fill the GPU, unless the keys are too few to split.
+                enough = rows * heads * spans >= decode_attention.TARGET_PROGRAMS // 2
+                assert enough or span <= decode_attention.MIN_SPAN + decode_attention.BLOCK_T
+
+
+def test_decode_attention_rejects_more_than_one_query() -> None:
+    q = torch.randn(1, 2, 4, 16)
+    keys = torch.randn(4, 8, 4, 16)
+    with pytest.raises(ValueError, match="one query per row"):
+        decode_attention.attend(q, keys, keys, torch.zeros(1, 2, dtype=torch.long), 8, q, 8)
+
+
+# -- rotary embedding ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, t, heads, kv_heads", [(1, 5, 4, 2), (2, 3, 5, 5), (1, 1, 40, 40)])
+def test_rope_kernel_rotates_as_the_reference(
+    b: int, t: int, heads: int, kv_heads: int, dtype: torch.dtype
+) -> None:
+    g, d = torch.Generator().manual_seed(heads), 32
+    # q and k as the model has them: views into one projection output.
+    projected = torch.randn(b, t, (heads + 2 * kv_heads) * d, generator=g).to(DEVICE, dtype)
+    q, k, _ = projected.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k = q.view(b, t, heads, d), k.view(b, t, kv_heads, d)
+    table = torch.randn(b, t, d // 2, 2, generator=g).to(DEVICE)
+    got, want = rope_kernel.rope_qk(q, k, table), fused.rope_qk(q, k, table)
+    for a, w in zip(got, want, strict=True):
+        assert a.shape == w.shape and a.dtype == dtype and a.is_contiguous()
+        # float32: the same operations. bf16: within one unit of the last place (the CPU
+        # interpreter's casts truncate where the GPU's round to nearest).
+        ulp = 0.0 if dtype == torch.float32 else 2.0**-7
+        assert ((a.float() - w.float()).abs() <= ulp * w.float().abs() + 1e-6).all()
+
+
+def test_rope_kernel_leaves_other_layouts_to_the_eager_math() -> None:
+    q = torch.randn(1, 4, 2, 16).to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+    table = torch.randn(1, 4, 8, 2).to(DEVICE)
+    got, want = rope_kernel.rope_qk(q, q, table), fused.rope_qk(q, q, table)
+    assert all(torch.equal(a, w) for a, w in zip(got, want, strict=True))
+
+
+# -- inside the model and the engine ---------------------------------------------------------------
+@pytest.fixture
+def kernel_model(single_process: None, tiny_state_dict: StateDict) -> Transformer:
+    """A private tiny model with fused projections, eager elementwise ops and both kernels."""
+    model = build_transformer(TINY_ARGS, device="meta", dtype=torch.float32, max_seq_len=512)
+    model.load_state_dict(tiny_state_dict, strict=True, assign=True)
+    model.fuse_projections()
+    model.use_compiled_ops(False)  # triton_kernels: the interpreter counts as available
+    assert model.ops.decode_attention is not None and model.ops.linear is gemv.linear
+    return model.eval()
+
+
+def _ids(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+@torch.inference_mode()
+def _two_rows_decoding(model: Transformer) -> torch.Tensor:
+    """Rows of 30 and 17 prompt tokens in slots 2 and 0, decoded together (3 steps), then row 0
+    alone (one-row products): every step's logits, stacked."""
+    cache = model.new_cache(3, 96)
+    model(PROMPT[None, :30], _ids(0), cache, _ids(2), 30)
+    model(PROMPT[None, 30:47], _ids(0), cache, _ids(0), 17)
+    tokens, pos, out = PROMPT[None, 47:49].T.clone(), _ids(30, 17), []
+    for _ in range(3):
+        logits = model(tokens, pos, cache, _ids(2, 0), int(pos.max()) + 1)[:, -1]
+        out.append(logits)
+        tokens, pos = logits.argmax(-1, keepdim=True), pos + 1
+    out.append(model(tokens[1:], pos[1:], cache, _ids(0), int(pos[1]) + 1)[:, -1])
+    return torch.cat(out)
+
+
+@cpu_only
+def test_model_decode_through_the_kernels_equals_the_plain_forward(
+    kernel_model: Transformer, tiny_model: Transformer
+) -> None:
+    want, got = _two_rows_decoding(tiny_model), _two_rows_decoding(kernel_model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def _run(engine: Engine, requests: list[EngineRequest]) -> list[Event]:
+    events: list[Event] = []
+    for request in requests:
+        engine.add(request)
+        events += engine.step()
+    while engine.has_work():
+        events += engine.step()
+    return events
+
+
+@cpu_only
+def test_engine_with_the_kernels_generates_what_the_plain_engine_does(
+    kernel_model: Transformer, tiny_model: Transformer
+) -> None:
+    """The paged cache read in place: shared prefix pages, batched and single-row steps."""
+    doc = tuple(PROMPT.tolist())
+    prompts = [doc[:20], doc[:23], doc[:40]]
+    params = SamplingParams(5, logprobs=True)
+    requests = [EngineRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
+    plain = collect(_run(Engine(tiny_model, fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
+    engine = Engine(kernel_model, fast_kernels=True, **kwargs)  # type: ignore[arg-type]
+    assert engine.model.ops.decode_attention is not None
+    fast = collect(_run(engine, requests))
+    assert {k: v.tokens for k, v in fast.items()} == {k: v.tokens for k, v in plain.items()}
+    for rid, generation in fast.items():
+        torch.testing.assert_close(generation.logprobs, plain[rid].logprobs, rtol=1e-5, atol=1e-5)
+    assert sum(v.cached_tokens for v in fast.values()) > 0  # shared pages were read
