@@ -225,7 +225,8 @@ def test_engine_fast_kernels_on_cuda_generate_what_the_plain_kernels_do(
     kwargs = {"max_batch_size": 2, "max_seq_len": SEQ, "device": "cuda", "prefill_chunk": 16}
     plain = collect(_run(Engine(cuda_model(), fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
     fast_engine = Engine(cuda_model(), fast_kernels=True, **kwargs)  # type: ignore[arg-type]
-    assert fast_engine.model.ops.compiled, "torch.compile failed: see the engine's warning"
+    ops = fast_engine.model.ops
+    assert ops.compiled and ops.decode_attention is not None, "see the engine's warning"
     fast = collect(_run(fast_engine, requests))
     assert {k: v.tokens for k, v in fast.items()} == {k: v.tokens for k, v in plain.items()}
     stats = fast_engine.decoder.stats

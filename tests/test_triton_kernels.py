@@ -16,7 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codellama_lsp.model import decode_attention, fused, gemv, rope_kernel, triton_support
+from codellama_lsp.model import (
+    decode_attention,
+    fused,
+    gemv,
+    layer_kernels,
+    rope_kernel,
+    triton_support,
+)
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.engine_events import collect
 from codellama_lsp.model.random_checkpoint import TINY_ARGS, StateDict
@@ -38,7 +45,7 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Kernels made for Triton's CPU interpreter (no GPU here), and made again afterwards."""
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = (gemv._kernel, decode_attention._kernels, rope_kernel._kernel)
+    kernels = (gemv._kernel, decode_attention._kernels, rope_kernel._kernel, layer_kernels._kernels)
     for made in kernels:
         made.cache_clear()
     yield
@@ -129,7 +136,7 @@ def _reference_attention(
         (4, 1, 96, 96, torch.float32),  # the static cache: one page per slot
     ],
 )
-def test_decode_attention_matches_softmax_attention(
+def test_decode_attention_writes_the_new_keys_and_attends_as_softmax(
     heads: int, kv_heads: int, page_size: int, kv_len: int, dtype: torch.dtype
 ) -> None:
     g = torch.Generator().manual_seed(kv_len)
@@ -142,11 +149,19 @@ def test_decode_attention_matches_softmax_attention(
     page_rows = torch.randperm(n_pages, generator=g)[: rows * per_row].view(rows, per_row)
     start_pos = torch.tensor([kv_len - 1, 3, kv_len // 2])
     q = torch.randn(rows, 1, heads, d, generator=g).to(dtype)
-    on = [t.to(DEVICE) for t in (q, keys, values, page_rows, start_pos)]
-    got = decode_attention.attend(on[0], on[1], on[2], on[3], page_size, on[4], kv_len)
-    want = _reference_attention(q, keys, values, page_rows, page_size, start_pos)
+    # The new keys and values as the model has them: views into one projection output.
+    kv = torch.randn(rows, 1, 2 * kv_heads * d, generator=g).to(dtype)
+    k, v = (part.view(rows, 1, kv_heads, d) for part in kv.chunk(2, dim=-1))
+    # The reference's cache after the step's write.
+    want_keys, want_values = keys.clone(), values.clone()
+    at = page_rows[torch.arange(rows), start_pos // page_size], start_pos % page_size
+    want_keys[at], want_values[at] = k[:, 0], v[:, 0]
+    on = [t.to(DEVICE) for t in (q, k, v, keys, values, page_rows, start_pos)]
+    got = decode_attention.attend(*on[:6], page_size, on[6], kv_len)
+    want = _reference_attention(q, want_keys, want_values, page_rows, page_size, start_pos)
     assert got.shape == q.shape and got.dtype == dtype
     assert _rel_err(got, want) < (1e-6 if dtype == torch.float32 else 8e-3)
+    assert torch.equal(on[3].cpu(), want_keys) and torch.equal(on[4].cpu(), want_values)
 
 
 def test_spans_cover_every_position_in_block_multiples() -> None:
@@ -166,8 +181,9 @@ def test_spans_cover_every_position_in_block_multiples() -> None:
 def test_decode_attention_rejects_more_than_one_query() -> None:
     q = torch.randn(1, 2, 4, 16)
     keys = torch.randn(4, 8, 4, 16)
+    rows = torch.zeros(1, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="one query per row"):
-        decode_attention.attend(q, keys, keys, torch.zeros(1, 2, dtype=torch.long), 8, q, 8)
+        decode_attention.attend(q, q, q, keys, keys, rows, 8, torch.zeros(1), 8)
 
 
 # -- rotary embedding ------------------------------------------------------------------------------
@@ -196,6 +212,46 @@ def test_rope_kernel_leaves_other_layouts_to_the_eager_math() -> None:
     table = torch.randn(1, 4, 8, 2).to(DEVICE)
     got, want = rope_kernel.rope_qk(q, q, table), fused.rope_qk(q, q, table)
     assert all(torch.equal(a, w) for a, w in zip(got, want, strict=True))
+
+
+# -- residual add + RMSNorm, SwiGLU ----------------------------------------------------------------
+def _within_ulps(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """float32: equal to rounding. bf16 on the GPU: within one unit of the last place. bf16 in
+    the interpreter: within four, as its casts truncate where the GPU's round to nearest, and
+    these kernels round two or three times (as the reference does)."""
+    ulp = 1e-6 if want.dtype == torch.float32 else 2.0**-7 if ON_GPU else 2.0**-5
+    return bool(((got.float() - want.float()).abs() <= ulp * want.float().abs() + 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 128), (2, 7, 96), (3, 1000)])
+def test_add_rms_norm_kernel_computes_the_reference(shape: tuple[int, ...], dtype) -> None:
+    g = torch.Generator().manual_seed(len(shape))
+    x, delta = (torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(DEVICE, dtype)
+    got = layer_kernels.add_rms_norm(x, delta, weight, 1e-5)
+    want = fused.add_rms_norm(x, delta, weight, 1e-5)
+    for a, w in zip(got, want, strict=True):
+        assert a.shape == w.shape and a.dtype == w.dtype and _within_ulps(a, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_kernel_computes_the_reference_on_halves_of_one_output(dtype) -> None:
+    g = torch.Generator().manual_seed(4)
+    for rows, width in [(1, 344), (6, 2500)]:
+        both = (3 * torch.randn(2, rows, 2 * width, generator=g)).to(DEVICE, dtype)
+        gate, up = both.chunk(2, dim=-1)  # views, as FeedForward has them
+        got, want = layer_kernels.silu_mul(gate, up), fused.silu_mul(gate, up)
+        assert got.shape == want.shape and _within_ulps(got, want)
+
+
+def test_layer_kernels_leave_other_layouts_to_the_eager_math() -> None:
+    x = torch.randn(4, 6, 32).to(DEVICE).transpose(0, 1)  # rows do not flatten
+    weight = torch.ones(32, device=DEVICE)
+    got = layer_kernels.add_rms_norm(x, x, weight, 1e-5)
+    want = fused.add_rms_norm(x, x, weight, 1e-5)
+    assert all(torch.equal(a, w) for a, w in zip(got, want, strict=True))
+    assert torch.equal(layer_kernels.silu_mul(x, x), fused.silu_mul(x, x))
 
 
 # -- inside the model and the engine ---------------------------------------------------------------

@@ -20,13 +20,16 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from codellama_lsp.model import decode_attention, gemv
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# (q, keys, values, page_rows, page_size, start_pos, kv_len) -> out: see `decode_attention.attend`
+# (q, k, v, keys, values, page_rows, page_size, start_pos, kv_len) -> out: the new key and
+# value written, the query attended (see `decode_attention.attend`).
 DecodeAttentionFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, int], torch.Tensor
+    [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, Tensor, int],
+    Tensor,
 ]
 
 log = logging.getLogger(__name__)
@@ -86,23 +89,27 @@ class LayerOps:
     linear: LinearFn = F.linear
     # Attention of one-token steps straight from the cache's pages; None: gather, then SDPA.
     decode_attention: DecodeAttentionFn | None = None
-    compiled: bool = False
+    compiled: bool = False  # any piece through compiled kernels (torch.compile or Triton)
 
     @staticmethod
     def eager() -> LayerOps:
         return LayerOps(rms_norm, add_rms_norm, rope_qk, silu_mul)
 
     def with_triton_kernels(self) -> LayerOps:
-        """These ops, with one-row matrix products through `gemv`, one-token steps' attention
-        through `decode_attention` and the rotary embedding through `rope_kernel` (Triton
-        kernels, compiled at their first call)."""
-        from codellama_lsp.model import rope_kernel  # it imports this module
+        """These ops through Triton kernels (compiled at their first call): the elementwise
+        pieces (`layer_kernels`, `rope_kernel`), one-row matrix products (`gemv`) and one-token
+        steps' attention (`decode_attention`)."""
+        # They import this module (for their eager fallbacks).
+        from codellama_lsp.model import layer_kernels, rope_kernel
 
         return replace(
             self,
+            add_rms_norm=layer_kernels.add_rms_norm,
             rope_qk=rope_kernel.rope_qk,
+            silu_mul=layer_kernels.silu_mul,
             linear=gemv.linear,
             decode_attention=decode_attention.attend,
+            compiled=True,
         )
 
     @staticmethod

@@ -19,6 +19,8 @@ import torch
 from codellama_lsp.model import fused
 from codellama_lsp.model.triton_support import available, triton_module
 
+HEADS_PER_PROGRAM = 2
+
 
 def rope_qk(
     q: torch.Tensor, k: torch.Tensor, table: torch.Tensor
@@ -34,7 +36,9 @@ def rope_qk(
         rows = rows.contiguous().float()
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
     k_out = torch.empty_like(k, memory_format=torch.contiguous_format)
-    _kernel()[(b * t,)](
+    q_blocks = -(-h // HEADS_PER_PROGRAM)
+    k_blocks = -(-h_kv // HEADS_PER_PROGRAM)
+    _kernel()[(b * t, q_blocks + k_blocks)](
         q,
         k,
         rows,
@@ -42,11 +46,12 @@ def rope_qk(
         k_out,
         q.stride(1),
         k.stride(1),
+        q_blocks,
         H=h,
         H_KV=h_kv,
-        HEADS=_pow2(max(h, h_kv)),
+        HEADS=HEADS_PER_PROGRAM,
         HALF=d // 2,
-        num_warps=4,
+        num_warps=1,
     )
     return q_out, k_out
 
@@ -54,15 +59,9 @@ def rope_qk(
 def _token_major(x: torch.Tensor) -> bool:
     """Tokens at one stride (`[B, T]` flattens), heads of `D` contiguous values each."""
     b, t, _, d = x.shape
-    return (
-        (x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == t * x.stride(1)))
-        and d % 2 == 0
-        and (d // 2) & (d // 2 - 1) == 0
-    )
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    half = d // 2
+    tokens_ok = b == 1 or x.stride(0) == t * x.stride(1)
+    return x.stride(3) == 1 and x.stride(2) == d and tokens_ok and half & (half - 1) == 0
 
 
 @functools.cache
@@ -71,6 +70,8 @@ def _kernel() -> Any:
     triton = triton_module()
     tl = triton.language
 
+    # One program: HEADS heads of one token, of the queries (the first q_blocks programs of a
+    # token) or of the keys. Whole heads are loaded contiguously and split into (re, im) pairs.
     @triton.jit  # type: ignore[misc]
     def rope_kernel(
         q_ptr,
@@ -80,28 +81,30 @@ def _kernel() -> Any:
         k_out_ptr,
         stride_q,
         stride_k,
+        q_blocks,
         H: tl.constexpr,  # type: ignore[name-defined]
         H_KV: tl.constexpr,  # type: ignore[name-defined]
         HEADS: tl.constexpr,  # type: ignore[name-defined]
         HALF: tl.constexpr,  # type: ignore[name-defined]
     ):
-        token = tl.program_id(0).to(tl.int64)
+        token, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
         pairs = tl.arange(0, HALF)
         cos = tl.load(table_ptr + token * 2 * HALF + 2 * pairs)[None, :]
         sin = tl.load(table_ptr + token * 2 * HALF + 2 * pairs + 1)[None, :]
-        heads = tl.arange(0, HEADS)[:, None]
-        at = heads * 2 * HALF + 2 * pairs[None, :]  # the real part of each pair
-        # Queries, then keys (the same lines twice: a kernel made in a closure cannot call a
-        # helper kernel).
-        ok, src, dst = heads < H, q_ptr + token * stride_q, q_out_ptr + token * H * 2 * HALF
-        re = tl.load(src + at, mask=ok, other=0.0).to(tl.float32)
-        im = tl.load(src + at + 1, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dst + at, (re * cos - im * sin).to(dst.dtype.element_ty), mask=ok)
-        tl.store(dst + at + 1, (re * sin + im * cos).to(dst.dtype.element_ty), mask=ok)
-        ok, src, dst = heads < H_KV, k_ptr + token * stride_k, k_out_ptr + token * H_KV * 2 * HALF
-        re = tl.load(src + at, mask=ok, other=0.0).to(tl.float32)
-        im = tl.load(src + at + 1, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dst + at, (re * cos - im * sin).to(dst.dtype.element_ty), mask=ok)
-        tl.store(dst + at + 1, (re * sin + im * cos).to(dst.dtype.element_ty), mask=ok)
+        values = tl.arange(0, 2 * HALF)[None, :]
+        if block < q_blocks:
+            heads = block * HEADS + tl.arange(0, HEADS)[:, None]
+            ok = heads < H
+            src = q_ptr + token * stride_q + heads * 2 * HALF + values
+            dst = q_out_ptr + token * H * 2 * HALF + heads * 2 * HALF + values
+        else:
+            heads = (block - q_blocks) * HEADS + tl.arange(0, HEADS)[:, None]
+            ok = heads < H_KV
+            src = k_ptr + token * stride_k + heads * 2 * HALF + values
+            dst = k_out_ptr + token * H_KV * 2 * HALF + heads * 2 * HALF + values
+        x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+        re, im = tl.split(tl.reshape(x, (HEADS, HALF, 2)))
+        out = tl.join(re * cos - im * sin, re * sin + im * cos)
+        tl.store(dst, tl.reshape(out, (HEADS, 2 * HALF)).to(dst.dtype.element_ty), mask=ok)
 
     return rope_kernel

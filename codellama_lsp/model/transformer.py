@@ -211,13 +211,13 @@ class Attention(nn.Module):
     def _attend_in_place(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _StepContext
     ) -> torch.Tensor:
-        """One-token steps: write the new key and value, then attend over the cache's pages
-        where they lie (`decode_attention`). `[B, 1, H, D]`."""
+        """One-token steps: the kernel writes the new key and value into the cache and attends
+        over the cache's pages where they lie (`decode_attention`). `[B, 1, H, D]`."""
         cache, page_rows = ctx.cache, cast(torch.Tensor, ctx.page_rows)
-        cache.write(self.layer_id, ctx.slots, ctx.start_pos, k, v, page_rows)
         keys, values = cache.layer(self.layer_id)
         attend = cast(DecodeAttentionFn, ctx.ops.decode_attention)
-        return attend(q, keys, values, page_rows, cache.page_size, ctx.start_pos, ctx.kv_len)
+        size = cache.page_size
+        return attend(q, k, v, keys, values, page_rows, size, ctx.start_pos, ctx.kv_len)
 
 
 class FeedForward(nn.Module):
@@ -413,13 +413,14 @@ class Transformer(nn.Module):
         return [cast(TransformerBlock, layer) for layer in self.layers]
 
     def use_compiled_ops(self, enabled: bool = True, *, triton_kernels: bool = True) -> None:
-        """Run the layers' elementwise work through torch.compile (`enabled`: CUDA), and with
-        `triton_kernels` the one-row matrix products and one-token steps' attention through
-        Triton where it runs (CUDA, or its CPU interpreter: see `triton_support`)."""
-        ops = LayerOps.compiled_ops() if enabled else LayerOps.eager()
+        """Fast kernels for the layers: with `triton_kernels`, where Triton runs (CUDA, or its
+        CPU interpreter: see `triton_support`), every elementwise piece, one-row matrix product
+        and one-token attention through Triton kernels; else, with `enabled`, the elementwise
+        pieces through torch.compile (`fused`)."""
         if triton_kernels and triton_available(self.norm.weight.device):
-            ops = ops.with_triton_kernels()
-        self.ops = ops
+            self.ops = LayerOps.eager().with_triton_kernels()
+        else:
+            self.ops = LayerOps.compiled_ops() if enabled else LayerOps.eager()
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
