@@ -20,6 +20,7 @@ from codellama_lsp.model import (
     decode_attention,
     fused,
     gemv,
+    kv_write,
     layer_kernels,
     rope_kernel,
     triton_support,
@@ -45,7 +46,13 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Kernels made for Triton's CPU interpreter (no GPU here), and made again afterwards."""
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = (gemv._kernel, decode_attention._kernels, rope_kernel._kernel, layer_kernels._kernels)
+    kernels = (
+        gemv._kernel,
+        decode_attention._kernels,
+        rope_kernel._kernel,
+        layer_kernels._kernels,
+        kv_write._kernel,
+    )
     for made in kernels:
         made.cache_clear()
     yield
@@ -162,6 +169,32 @@ def test_decode_attention_writes_the_new_keys_and_attends_as_softmax(
     assert got.shape == q.shape and got.dtype == dtype
     assert _rel_err(got, want) < (1e-6 if dtype == torch.float32 else 8e-3)
     assert torch.equal(on[3].cpu(), want_keys) and torch.equal(on[4].cpu(), want_values)
+
+
+@pytest.mark.parametrize(
+    "kv_heads, page_size, dtype",
+    [(5, 16, torch.float32), (2, 7, torch.bfloat16), (4, 64, torch.float32)],
+)
+def test_kv_write_stores_each_token_in_its_page(
+    kv_heads: int, page_size: int, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(page_size)
+    rows, t, d, n_pages = 2, 9, 16, 12
+    keys = torch.randn(n_pages, page_size, kv_heads, d, generator=g).to(dtype)
+    values = torch.randn(n_pages, page_size, kv_heads, d, generator=g).to(dtype)
+    page_rows = torch.randperm(n_pages, generator=g)[:8].view(rows, 4)
+    start_pos = torch.tensor([3, page_size - 2])  # row 1 crosses into its next page
+    # New keys and values as views of one projection output, as the model has them.
+    kv = torch.randn(rows, t, 2 * kv_heads * d, generator=g).to(dtype)
+    k, v = (part.view(rows, t, kv_heads, d) for part in kv.chunk(2, dim=-1))
+    want_keys, want_values = keys.clone(), values.clone()
+    for row in range(rows):
+        pos = start_pos[row] + torch.arange(t)
+        at = page_rows[row, pos // page_size], pos % page_size
+        want_keys[at], want_values[at] = k[row], v[row]
+    on = [x.to(DEVICE) for x in (k, v, keys, values)]
+    kv_write.write(*on, page_rows.to(DEVICE), page_size, start_pos.to(DEVICE))
+    assert torch.equal(on[2].cpu(), want_keys) and torch.equal(on[3].cpu(), want_values)
 
 
 def test_spans_cover_every_position_in_block_multiples() -> None:

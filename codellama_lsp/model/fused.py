@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from codellama_lsp.model import decode_attention, gemv
+from codellama_lsp.model import decode_attention, gemv, kv_write
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (q, k, v, keys, values, page_rows, page_size, start_pos, kv_len) -> out: the new key and
@@ -31,6 +31,8 @@ DecodeAttentionFn = Callable[
     [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, Tensor, int],
     Tensor,
 ]
+# (k, v, keys, values, page_rows, page_size, start_pos): see `kv_write.write`.
+WriteFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, Tensor], None]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class LayerOps:
     linear: LinearFn = F.linear
     # Attention of one-token steps straight from the cache's pages; None: gather, then SDPA.
     decode_attention: DecodeAttentionFn | None = None
+    # Writing new keys and values into the cache's pages; None: the cache's own `write`.
+    write_kv: WriteFn | None = None
     compiled: bool = False  # any piece through compiled kernels (torch.compile or Triton)
 
     @staticmethod
@@ -97,8 +101,8 @@ class LayerOps:
 
     def with_triton_kernels(self) -> LayerOps:
         """These ops through Triton kernels (compiled at their first call): the elementwise
-        pieces (`layer_kernels`, `rope_kernel`), one-row matrix products (`gemv`) and one-token
-        steps' attention (`decode_attention`)."""
+        pieces (`layer_kernels`, `rope_kernel`), one-row matrix products (`gemv`), one-token
+        steps' attention (`decode_attention`) and other forwards' cache writes (`kv_write`)."""
         # They import this module (for their eager fallbacks).
         from codellama_lsp.model import layer_kernels, rope_kernel
 
@@ -109,6 +113,7 @@ class LayerOps:
             silu_mul=layer_kernels.silu_mul,
             linear=gemv.linear,
             decode_attention=decode_attention.attend,
+            write_kv=kv_write.write,
             compiled=True,
         )
 

@@ -47,6 +47,17 @@ class AttentionCache(Protocol):
         pages are `page_rows` when the caller has them (`page_rows(slots)`)."""
         ...
 
+    def read(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        kv_len: int | None = None,
+        page_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the slots' keys and values over positions `0..kv_len` (`[B, kv_len, H, D]`,
+        default `max_seq_len`); the caller masks positions a row has not reached."""
+        ...
+
     def update(
         self,
         layer: int,
@@ -136,11 +147,19 @@ class KVCache(LayerBuffers):
         v: torch.Tensor,
         kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`write`, then the keys and values of those slots over positions `0..kv_len`
-        (`[B, kv_len, H, D]`, default the whole cache); the caller masks positions a row has not
-        reached.
-        """
+        """`write`, then `read`."""
         self.write(layer, slots, start_pos, k, v)
+        return self.read(layer, slots, kv_len)
+
+    def read(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        kv_len: int | None = None,
+        page_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots' keys and values over positions `0..kv_len` (`[B, kv_len, H, D]`, default
+        the whole cache); the caller masks positions a row has not reached."""
         cache_k, cache_v = self.layer(layer)
         length = self.max_seq_len if kv_len is None else kv_len
         # Advanced indexing here, not index_select: on a strided `[:, :length]` view

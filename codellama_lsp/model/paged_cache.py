@@ -91,10 +91,21 @@ class PagedKVCache(LayerBuffers):
         v: torch.Tensor,
         kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `KVCache.update`: write `k`, `v` `[B, T, H, D]` at positions `start_pos[b]..+T` of
-        `slots[b]`, return those slots' keys and values over positions `0..kv_len`."""
-        table = self.table()[slots]  # [B, max_pages]
+        """As `KVCache.update`: `write`, then `read`."""
+        table = self.page_rows(slots)  # [B, max_pages]
         self.write(layer, slots, start_pos, k, v, table)
+        return self.read(layer, slots, kv_len, table)
+
+    def read(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        kv_len: int | None = None,
+        page_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `KVCache.read`: a copy of the slots' keys and values over positions `0..kv_len`,
+        read through their pages."""
+        table = self.page_rows(slots) if page_rows is None else page_rows
         pool_k, pool_v = self.layer(layer)
         length = self.max_seq_len if kv_len is None else kv_len
         read = table[:, : -(-length // self.page_size)]  # [B, n]

@@ -178,9 +178,8 @@ class Attention(nn.Module):
         """A prefill from position 0: the chunk's own keys and values are all there are, so
         attention reads them as they are instead of a copy read back from the cache (the same
         values: rounded to the cache's dtype as the cache holds them). `[B, T, H, D]`."""
-        cache = ctx.cache
-        cache.write(self.layer_id, ctx.slots, ctx.start_pos, k, v, ctx.page_rows)
-        dtype = cache.layer(self.layer_id)[0].dtype
+        self._write(k, v, ctx)
+        dtype = ctx.cache.layer(self.layer_id)[0].dtype
         n_rep = self.n_local_heads // self.n_local_kv_heads
         keys, values = repeat_kv(k.to(dtype), n_rep), repeat_kv(v.to(dtype), n_rep)
         out = F.scaled_dot_product_attention(
@@ -196,7 +195,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """The plain path: the cache returns a copy of the attended keys and values; SDPA with
         the forward's mask. `[B, T, H, D]`."""
-        keys, values = ctx.cache.update(self.layer_id, ctx.slots, ctx.start_pos, k, v, ctx.kv_len)
+        self._write(k, v, ctx)
+        keys, values = ctx.cache.read(self.layer_id, ctx.slots, ctx.kv_len, ctx.page_rows)
         n_rep = self.n_local_heads // self.n_local_kv_heads
         keys, values = repeat_kv(keys, n_rep), repeat_kv(values, n_rep)
         out = F.scaled_dot_product_attention(
@@ -207,6 +207,16 @@ class Attention(nn.Module):
             is_causal=ctx.is_causal,
         )
         return out.transpose(1, 2)
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, ctx: _StepContext) -> None:
+        """The forward's new keys and values into the cache: by `write_kv`'s kernel (it needs
+        the rows' pages, read once per forward) or by the cache itself."""
+        cache, write = ctx.cache, ctx.ops.write_kv
+        if write is None or ctx.page_rows is None:
+            cache.write(self.layer_id, ctx.slots, ctx.start_pos, k, v, ctx.page_rows)
+            return
+        keys, values = cache.layer(self.layer_id)
+        write(k, v, keys, values, ctx.page_rows, cache.page_size, ctx.start_pos)
 
     def _attend_in_place(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _StepContext
@@ -278,7 +288,8 @@ class _StepContext:
         self.mask, self.is_causal = mask, False
         self.slots, self.start_pos, self.kv_len = slots, start_pos, kv_len
         # One-token steps attend in place (`decode_attention`). Rows' pages, read once for all
-        # layers: set for those steps and for prefills from position 0 (`is_causal`).
+        # layers: set for those steps, for prefills from position 0 (`is_causal`) and for the
+        # cache-writing kernel (`write_kv`).
         self.in_place = False
         self.page_rows: torch.Tensor | None = None
 
@@ -393,12 +404,11 @@ class Transformer(nn.Module):
         ctx = _StepContext(
             self.ops, self.freqs_cis[positions], None, cache, slots, start_pos, kv_len
         )
-        ctx.in_place = (
-            t == 1 and self.ops.decode_attention is not None and triton_available(tokens.device)
-        )
+        kernels = triton_available(tokens.device)
+        ctx.in_place = t == 1 and self.ops.decode_attention is not None and kernels
         if not ctx.in_place:
             ctx.mask, ctx.is_causal = _attention_mask(positions, kv_len, t, start)
-        if ctx.in_place or ctx.is_causal:
+        if ctx.in_place or ctx.is_causal or (self.ops.write_kv is not None and kernels):
             ctx.page_rows = cache.page_rows(slots)
         h = self.tok_embeddings(tokens)
         pending = torch.zeros_like(h)  # h + 0 is h exactly: the first block's add is a no-op
