@@ -244,7 +244,9 @@ def section_fast(
         note = f"{plan.exact_steps} greedy steps: {agreement.summary()}"
         out.add(f"greedy_fast_vs_eager_{plan.shape}_b{b}", value, "% rows", None, note)
     if profile:
-        profile_step.run(decoder.decode, state.first, plan.decode_ctx, out, f"{plan.shape}_fast")
+        for b in sorted({1, plan.max_batch}):
+            name = f"{plan.shape}_fast"
+            profile_step.run(decoder.decode, state.first, plan.decode_ctx, out, name, rows=b)
     _fast_without(model, plan, device, state, copy_rate, out)
     return step_b1
 
@@ -257,24 +259,27 @@ def _fast_without(
     copy_rate: float,
     out: Results,
 ) -> None:
-    """Batch 1 of the fast path without each Triton kernel in turn: what each one changes."""
+    """Batches 1 and the largest of the fast path without each Triton kernel in turn: what each
+    one changes."""
     fast = model.ops
     variants = {
-        "cublas": ("cuBLAS one-row products", {"linear": F.linear}),
+        "cublas": ("cuBLAS products", {"linear": F.linear}),
         "gathered": ("gathered K/V + SDPA", {"decode_attention": None}),
     }
+    kv = plan.decode_ctx + plan.decode_steps / 2
     for label, (what, change) in variants.items():
         model.ops = replace(fast, **change)  # type: ignore[arg-type]
         decoder = GraphedDecoder(
             model, state.cache, mode="graphs" if device.type == "cuda" else "padded"
         )
-        decoder.capture((1,), state.cache.max_seq_len)
-        loops.decode(decoder.decode, state.first[:1], plan.decode_ctx, 2)
-        run = loops.decode(decoder.decode, state.first[:1], plan.decode_ctx, plan.decode_steps)
-        tok_s = plan.decode_steps / run.seconds
-        floor = decode_floor_tok_s(plan, 1, plan.decode_ctx + plan.decode_steps / 2, copy_rate)
-        note = f"{run.seconds / plan.decode_steps * 1e3:.2f} ms/step; {what}"
-        out.add(f"decode_{plan.shape}_b1_fast_{label}", tok_s, "tok/s", 100 * tok_s / floor, note)
+        for b in sorted({1, plan.max_batch}):
+            loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, 2)
+            run = loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, plan.decode_steps)
+            tok_s = b * plan.decode_steps / run.seconds
+            floor = decode_floor_tok_s(plan, b, kv, copy_rate)
+            note = f"{run.seconds / plan.decode_steps * 1e3:.2f} ms/step; {what}"
+            name = f"decode_{plan.shape}_b{b}_fast_{label}"
+            out.add(name, tok_s, "tok/s", 100 * tok_s / floor, note)
     model.ops = fast
 
 

@@ -118,6 +118,28 @@ def sweep_shape(
     torch.cuda.empty_cache()
 
 
+SKINNY_CONFIGS = [(16, 256), (32, 128), (32, 256), (64, 128)]
+
+
+def skinny_shape(name: str, n: int, k: int, rows: int, copy: float, out: Results) -> None:
+    """`rows` rows (a batched decode step) times an `[n, k]` weight: cuBLAS beside the skinny
+    kernel's launch shapes, as % of the copy rate for the weight bytes."""
+    device = torch.device("cuda")
+    nbytes = n * k * 2
+    ws = weights(n, k, max(2, math.ceil(MIN_BYTES / nbytes)), device)
+    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+    timed = {"cublas": time_products(F.linear, x, ws)}
+    for bn, bk in SKINNY_CONFIGS:
+        fn: Linear = lambda a, w, bn=bn, bk=bk: gemv.skinny(a, w, bn, bk)  # noqa: E731
+        timed[f"skinny_{bn}x{bk}"] = time_products(fn, x, ws)
+    for label, seconds in timed.items():
+        rate = nbytes / seconds
+        note = f"{seconds * 1e6:.1f} us, {rows} rows"
+        out.add(f"gemm{rows}_{name}_{label}", rate / 1e9, "GB/s", 100 * rate / copy, note)
+    del ws
+    torch.cuda.empty_cache()
+
+
 def chain_7b(copy: float, out: Results) -> None:
     """The GEMVs of a whole 7B decode step, every weight distinct, in one graph."""
     device = torch.device("cuda")
@@ -140,6 +162,7 @@ def main() -> None:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--quick", action="store_true", help="a small sweep")
     parser.add_argument("--skip-13b", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true", help="only the 16-row products")
     run = parser.parse_args()
     device = torch.device(run.device)
     out = Results(device, run.json)
@@ -150,10 +173,13 @@ def main() -> None:
     copy = copy_rate(device, 1 << 31)
     out.add("copy_rate", copy / 1e9, "GB/s", note="read + written")
     configs = QUICK_SWEEP if run.quick else SWEEP
-    for name, n, k in SHAPES_7B:
+    for name, n, k in [] if run.skip_sweep else SHAPES_7B:
         sweep_shape(name, n, k, configs, copy, out)
-    chain_7b(copy, out)
-    if not run.skip_13b:
+    if not run.skip_sweep:
+        chain_7b(copy, out)
+    for name, n, k in SHAPES_7B:
+        skinny_shape(name, n, k, 16, copy, out)
+    if not run.skip_13b and not run.skip_sweep:
         for name, n, k in SHAPES_13B:
             sweep_shape(name, n, k, QUICK_SWEEP, copy, out)
     out.finish()

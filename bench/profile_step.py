@@ -15,13 +15,14 @@ STEPS = 4
 TOP = 15
 
 
-def run(step: Step, first: torch.Tensor, ctx: int, out: Results, shape: str) -> None:
-    """Profile `STEPS` steps at batch 1; print the top kernels; record kernels and ms per step."""
+def run(step: Step, first: torch.Tensor, ctx: int, out: Results, shape: str, rows: int = 1) -> None:
+    """Profile `STEPS` steps of `rows` rows; print the top kernels; record kernels and ms per
+    step."""
     if first.device.type != "cuda":
         return
-    decode(step, first[:1], ctx, 2)  # warm-up
+    decode(step, first[:rows], ctx, 2)  # warm-up
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        decode(step, first[:1], ctx, STEPS)
+        decode(step, first[:rows], ctx, STEPS)
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     total_us = sum(e.self_device_time_total for e in kernels) / STEPS
@@ -30,8 +31,8 @@ def run(step: Step, first: torch.Tensor, ctx: int, out: Results, shape: str) -> 
     for e in kernels[:TOP]:
         us = e.self_device_time_total / STEPS
         print(f"  {e.key[:90]:<90} {us:>9.1f} {e.count / STEPS:>6.0f}")
-    note = f"{launches:.0f} kernels per step, b1, ctx {ctx}"
-    out.add(f"profile_{shape}_b1_kernel_time", total_us / 1e3, "ms/step", None, note)
+    note = f"{launches:.0f} kernels per step, b{rows}, ctx {ctx}"
+    out.add(f"profile_{shape}_b{rows}_kernel_time", total_us / 1e3, "ms/step", None, note)
 
 
 def run_prefill(

@@ -30,7 +30,7 @@ from codellama_lsp.model.triton_support import triton_module
 
 BLOCK_T = 32  # positions per loop iteration
 MIN_SPAN = 64  # positions per program at least
-TARGET_PROGRAMS = 528  # 4 per SM of an H100/H200: enough to stream the keys at full rate
+TARGET_PROGRAMS = 1056  # 8 per SM of an H100/H200: enough loads in flight to stream the keys
 
 
 def span_for(rows: int, heads: int, kv_len: int) -> int:
