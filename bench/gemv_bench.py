@@ -140,6 +140,42 @@ def skinny_shape(name: str, n: int, k: int, rows: int, copy: float, out: Results
     torch.cuda.empty_cache()
 
 
+ATTENTION_SHAPES = list(itertools.product((32, 64), (4, 8), (1056, 2112)))
+
+
+def attention_7b(copy: float, out: Results) -> None:
+    """Decode attention over a static 7B layer cache (one page per row), 528 positions, at
+    batches 1 and 16: launch shapes as % of the copy rate for the K/V bytes read."""
+    for rows in (1, 16):
+        _attention_rows(rows, copy, out)
+    torch.cuda.empty_cache()
+
+
+def _attention_rows(rows: int, copy: float, out: Results) -> None:
+    from codellama_lsp.model import decode_attention as da
+
+    device, d, h, ctx, page = torch.device("cuda"), 128, 32, 528, 592
+    layers = 8  # distinct caches, so that L2 holds none of them
+    caches = [
+        torch.randn(2, rows, page, h, d, device=device, dtype=torch.bfloat16) for _ in range(layers)
+    ]
+    q, k, v = (torch.randn(rows, 1, h, d, device=device, dtype=torch.bfloat16) for _ in "qkv")
+    page_rows = torch.arange(rows, device=device)[:, None]
+    start = torch.full((rows,), ctx - 1, device=device)
+    nbytes = layers * 2 * rows * ctx * h * d * 2
+    for block_t, warps, target in ATTENTION_SHAPES:
+        shape = {"block_t": block_t, "warps": warps, "target": target}
+        calls = [
+            lambda c=c, s=shape: da.attend(q, k, v, c[0], c[1], page_rows, page, start, ctx, **s)
+            for c in caches
+        ]
+        seconds = graph_time(calls)
+        rate = nbytes / seconds
+        note = f"{seconds / layers * 1e6:.1f} us per layer"
+        name = f"attention_7b_b{rows}_t{block_t}_w{warps}_p{target}"
+        out.add(name, rate / 1e9, "GB/s", 100 * rate / copy, note)
+
+
 def chain_7b(copy: float, out: Results) -> None:
     """The GEMVs of a whole 7B decode step, every weight distinct, in one graph."""
     device = torch.device("cuda")
@@ -163,6 +199,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small sweep")
     parser.add_argument("--skip-13b", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true", help="only the 16-row products")
+    parser.add_argument("--attention", action="store_true", help="only decode attention")
     run = parser.parse_args()
     device = torch.device(run.device)
     out = Results(device, run.json)
@@ -172,6 +209,10 @@ def main() -> None:
         return
     copy = copy_rate(device, 1 << 31)
     out.add("copy_rate", copy / 1e9, "GB/s", note="read + written")
+    if run.attention:
+        attention_7b(copy, out)
+        out.finish()
+        return
     configs = QUICK_SWEEP if run.quick else SWEEP
     for name, n, k in [] if run.skip_sweep else SHAPES_7B:
         sweep_shape(name, n, k, configs, copy, out)

@@ -261,6 +261,34 @@ def test_rope_kernel_rotates_as_the_reference(
         assert ((a.float() - w.float()).abs() <= ulp * w.float().abs() + 1e-6).all()
 
 
+def test_a_batch_of_one_token_rows_goes_through_the_rope_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batched decode step's q and k: `[16, 1, H, D]` views whose size-1 dim PyTorch gives an
+    arbitrary stride (a missed case sent batch-16 steps to the eager math: BENCHMARKS run 15)."""
+    out = torch.randn(16, 3 * 4 * 32).to(DEVICE).view(16, 1, 3 * 4 * 32)
+    q, k, _ = (part.view(16, 1, 4, 32) for part in out.split(4 * 32, dim=-1))
+    table = torch.randn(16, 1, 16, 2).to(DEVICE)
+    want = fused.rope_qk(q, k, table)
+
+    def eager_is_not_used(*_: object) -> None:
+        raise AssertionError("the eager fallback ran")
+
+    monkeypatch.setattr(fused, "rope_qk", eager_is_not_used)
+    got = rope_kernel.rope_qk(q, k, table)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w, rtol=1e-6, atol=1e-6)
+
+
+def test_flat_stride_skips_size_one_dims() -> None:
+    x = torch.empty(16, 12).view(16, 1, 12)[..., :4]  # rows of a wider tensor
+    assert triton_support.flat_stride(x, 2) == 12
+    assert triton_support.flat_stride(torch.empty(3, 5, 7)[..., :4], 2) == 7
+    assert triton_support.flat_stride(torch.empty(3, 5, 7)[:, :4], 2) is None  # a gap
+    assert triton_support.flat_stride(torch.empty(3, 5, 7).transpose(0, 1), 2) is None
+    assert triton_support.flat_stride(torch.empty(1, 1, 7), 2) == 7
+
+
 def test_rope_kernel_leaves_other_layouts_to_the_eager_math() -> None:
     q = torch.randn(1, 4, 2, 16).to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
     table = torch.randn(1, 4, 8, 2).to(DEVICE)

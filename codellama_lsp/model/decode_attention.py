@@ -33,11 +33,13 @@ MIN_SPAN = 64  # positions per program at least
 TARGET_PROGRAMS = 1056  # 8 per SM of an H100/H200: enough loads in flight to stream the keys
 
 
-def span_for(rows: int, heads: int, kv_len: int) -> int:
-    """Positions per program: short enough to give ~TARGET_PROGRAMS programs, a BLOCK_T multiple."""
-    spans = max(1, min(TARGET_PROGRAMS // max(1, rows * heads), -(-kv_len // MIN_SPAN)))
+def span_for(
+    rows: int, heads: int, kv_len: int, target: int = TARGET_PROGRAMS, block_t: int = BLOCK_T
+) -> int:
+    """Positions per program: short enough to give ~`target` programs, a `block_t` multiple."""
+    spans = max(1, min(target // max(1, rows * heads), -(-kv_len // MIN_SPAN)))
     span = -(-kv_len // spans)
-    return -(-span // BLOCK_T) * BLOCK_T
+    return -(-span // block_t) * block_t
 
 
 def attend(
@@ -50,6 +52,10 @@ def attend(
     page_size: int,
     start_pos: torch.Tensor,
     kv_len: int,
+    *,
+    block_t: int = BLOCK_T,
+    warps: int = 4,
+    target: int = TARGET_PROGRAMS,
 ) -> torch.Tensor:
     """Write each row's new key and value into the cache and attend its one query over keys
     0..start_pos[b]: `q [B, 1, H, D]`, `k`, `v` `[B, 1, H_kv, D]` at position `start_pos[b]`.
@@ -57,6 +63,8 @@ def attend(
     `keys`, `values`: `[n_pages, page_size, H_kv, D]`; `page_rows [B, n]`: the pages of each
     row's positions (position p in page `page_rows[b, p // page_size]`). `kv_len` bounds every
     row's positions (at least `max(start_pos) + 1`). Returns `[B, 1, H, D]` in q's dtype.
+    `block_t`, `warps`, `target`: the launch shape (`bench/gemv_bench.py --attention` times
+    them).
     """
     b, t, h, d = q.shape
     h_kv = keys.shape[2]
@@ -64,7 +72,7 @@ def attend(
         raise ValueError(f"decode attention needs one query per row, got {tuple(q.shape)}")
     if keys.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         raise ValueError("decode attention needs contiguous head dimensions")
-    span = span_for(b, h, kv_len)
+    span = span_for(b, h, kv_len, target, block_t)
     spans = -(-kv_len // span)
     qv = q.reshape(b, h, d)
     partial = torch.empty(b, h, spans, d, dtype=torch.float32, device=q.device)
@@ -100,8 +108,8 @@ def attend(
         spans,
         1.0 / math.sqrt(d),
         D=d,
-        BLOCK_T=BLOCK_T,
-        num_warps=4,
+        BLOCK_T=block_t,
+        num_warps=warps,
     )
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
     merge[(b, h)](partial, lse, out, spans, D=d, SPANS=_pow2(spans), num_warps=4)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from codellama_lsp.model import fused
-from codellama_lsp.model.triton_support import available, triton_module
+from codellama_lsp.model.triton_support import available, flat_stride, triton_module
 
 
 def add_rms_norm(
@@ -39,35 +39,22 @@ def add_rms_norm(
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """As `fused.silu_mul`: `silu(gate) * up`, for row views (the halves of w13's output)."""
-    width = gate.shape[-1]
-    if not available(gate.device) or not _row_views(gate, up) or gate.dtype != up.dtype:
+    width, lead = gate.shape[-1], gate.dim() - 1
+    gate_stride, up_stride = flat_stride(gate, lead), flat_stride(up, lead)
+    if not available(gate.device) or gate_stride is None or up_stride is None:
+        return fused.silu_mul(gate, up)
+    if gate.dtype != up.dtype or gate.stride(-1) != 1 or up.stride(-1) != 1 or lead < 1:
         return fused.silu_mul(gate, up)
     rows = gate.numel() // width
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
     grid = (rows, -(-width // block))
-    _kernels()[1][grid](gate, up, out, gate.stride(-2), up.stride(-2), width, BLOCK=block)
+    _kernels()[1][grid](gate, up, out, gate_stride, up_stride, width, BLOCK=block)
     return out
 
 
 def _rows_ok(*tensors: torch.Tensor) -> bool:
     return all(t.is_contiguous() for t in tensors)
-
-
-def _row_views(*tensors: torch.Tensor) -> bool:
-    """Rows at one stride (leading dims flatten), values contiguous within a row."""
-    return all(t.dim() >= 2 and t.stride(-1) == 1 and _flattens(t) for t in tensors)
-
-
-def _flattens(t: torch.Tensor) -> bool:
-    """Whether every leading dim steps by the rows below it (`t.view(-1, t.shape[-1])` works
-    on a view that keeps the row stride)."""
-    stride = t.stride(-2)
-    for dim in range(t.dim() - 2, 0, -1):
-        stride *= t.shape[dim]
-        if t.shape[dim - 1] > 1 and t.stride(dim - 1) != stride:
-            return False
-    return True
 
 
 def _pow2(n: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from codellama_lsp.model import fused
-from codellama_lsp.model.triton_support import available, triton_module
+from codellama_lsp.model.triton_support import available, flat_stride, triton_module
 
 HEADS_PER_PROGRAM = 2
 
@@ -27,7 +27,8 @@ def rope_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `fused.rope_qk`: `q [B, T, H, D]`, `k [B, T, H_kv, D]` rotated by `table [B, T, D/2,
     2]`; through the kernel where it runs, else the eager math."""
-    if not available(q.device) or not (_token_major(q) and _token_major(k)):
+    q_stride, k_stride = _token_stride(q), _token_stride(k)
+    if not available(q.device) or q_stride is None or k_stride is None:
         return fused.rope_qk(q, k, table)
     b, t, h, d = q.shape
     h_kv = k.shape[2]
@@ -44,8 +45,8 @@ def rope_qk(
         rows,
         q_out,
         k_out,
-        q.stride(1),
-        k.stride(1),
+        q_stride,
+        k_stride,
         q_blocks,
         H=h,
         H_KV=h_kv,
@@ -56,12 +57,13 @@ def rope_qk(
     return q_out, k_out
 
 
-def _token_major(x: torch.Tensor) -> bool:
-    """Tokens at one stride (`[B, T]` flattens), heads of `D` contiguous values each."""
-    b, t, _, d = x.shape
-    half = d // 2
-    tokens_ok = b == 1 or x.stride(0) == t * x.stride(1)
-    return x.stride(3) == 1 and x.stride(2) == d and tokens_ok and half & (half - 1) == 0
+def _token_stride(x: torch.Tensor) -> int | None:
+    """The stride between tokens when `[B, T]` flattens and each head's `D` values (a power
+    of two) are contiguous; else None."""
+    d = x.shape[3]
+    if x.stride(3) != 1 or x.stride(2) != d or (d // 2) & (d // 2 - 1):
+        return None
+    return flat_stride(x, 2)
 
 
 @functools.cache

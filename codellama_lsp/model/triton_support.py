@@ -9,6 +9,7 @@ Triton and the interpreter setting is read when the kernel is made.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from typing import Any
 
@@ -35,3 +36,15 @@ def available(device: torch.device) -> bool:
     if triton_module() is None:
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def flat_stride(x: torch.Tensor, dims: int) -> int | None:
+    """The one stride that walks `x`'s first `dims` dims flattened (rows of a kernel), or None
+    when they do not flatten. Dims of size 1 are skipped: PyTorch gives them any stride."""
+    kept = [(x.shape[i], x.stride(i)) for i in range(dims) if x.shape[i] != 1]
+    if not kept:
+        return x.stride(dims - 1)
+    for (_, outer), (size, inner) in itertools.pairwise(kept):
+        if outer != inner * size:
+            return None
+    return kept[-1][1]
