@@ -118,28 +118,6 @@ def sweep_shape(
     torch.cuda.empty_cache()
 
 
-SKINNY_CONFIGS = [(16, 256), (32, 128), (32, 256), (64, 128)]
-
-
-def skinny_shape(name: str, n: int, k: int, rows: int, copy: float, out: Results) -> None:
-    """`rows` rows (a batched decode step) times an `[n, k]` weight: cuBLAS beside the skinny
-    kernel's launch shapes, as % of the copy rate for the weight bytes."""
-    device = torch.device("cuda")
-    nbytes = n * k * 2
-    ws = weights(n, k, max(2, math.ceil(MIN_BYTES / nbytes)), device)
-    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-    timed = {"cublas": time_products(F.linear, x, ws)}
-    for bn, bk in SKINNY_CONFIGS:
-        fn: Linear = lambda a, w, bn=bn, bk=bk: gemv.skinny(a, w, bn, bk)  # noqa: E731
-        timed[f"skinny_{bn}x{bk}"] = time_products(fn, x, ws)
-    for label, seconds in timed.items():
-        rate = nbytes / seconds
-        note = f"{seconds * 1e6:.1f} us, {rows} rows"
-        out.add(f"gemm{rows}_{name}_{label}", rate / 1e9, "GB/s", 100 * rate / copy, note)
-    del ws
-    torch.cuda.empty_cache()
-
-
 ATTENTION_SHAPES = list(itertools.product((32, 64), (4, 8), (1056, 2112)))
 
 
@@ -198,7 +176,6 @@ def main() -> None:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--quick", action="store_true", help="a small sweep")
     parser.add_argument("--skip-13b", action="store_true")
-    parser.add_argument("--skip-sweep", action="store_true", help="only the 16-row products")
     parser.add_argument("--attention", action="store_true", help="only decode attention")
     run = parser.parse_args()
     device = torch.device(run.device)
@@ -214,13 +191,10 @@ def main() -> None:
         out.finish()
         return
     configs = QUICK_SWEEP if run.quick else SWEEP
-    for name, n, k in [] if run.skip_sweep else SHAPES_7B:
-        sweep_shape(name, n, k, configs, copy, out)
-    if not run.skip_sweep:
-        chain_7b(copy, out)
     for name, n, k in SHAPES_7B:
-        skinny_shape(name, n, k, 16, copy, out)
-    if not run.skip_13b and not run.skip_sweep:
+        sweep_shape(name, n, k, configs, copy, out)
+    chain_7b(copy, out)
+    if not run.skip_13b:
         for name, n, k in SHAPES_13B:
             sweep_shape(name, n, k, QUICK_SWEEP, copy, out)
     out.finish()

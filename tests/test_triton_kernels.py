@@ -82,15 +82,11 @@ def test_gemv_computes_the_product(n: int, k: int, dtype: torch.dtype) -> None:
         assert _rel_err(got, want) < tolerance, config
 
 
-def test_linear_sends_only_few_row_products_to_the_kernels() -> None:
+def test_linear_sends_only_one_row_products_to_the_kernel() -> None:
     g = torch.Generator().manual_seed(3)
     w = torch.randn(40, 64, generator=g).to(DEVICE)
     rows = torch.randn(3, 64, generator=g).to(DEVICE)
-    # float32 products of several rows (the skinny kernel would run them as tf32) and more
-    # than 16 rows stay with cuBLAS/ATen: bitwise equal.
-    assert torch.equal(gemv.linear(rows, w), F.linear(rows, w))
-    many, half = torch.randn(17, 64, generator=g).to(DEVICE).half(), w.half()
-    assert torch.equal(gemv.linear(many, half), F.linear(many, half))
+    assert torch.equal(gemv.linear(rows, w), F.linear(rows, w))  # cuBLAS/ATen: bitwise
     one = rows[1:2]
     torch.testing.assert_close(gemv.linear(one, w), F.linear(one, w), rtol=1e-5, atol=1e-5)
     weight_strided = torch.randn(64, 40, generator=g).to(DEVICE).t()
@@ -101,23 +97,6 @@ def test_linear_sends_only_few_row_products_to_the_kernels() -> None:
 
 
 @cpu_only
-@pytest.mark.parametrize("rows, n, k", [(2, 33, 256), (3, 40, 300), (16, 64, 512)])
-def test_skinny_computes_products_of_few_rows(rows: int, n: int, k: int) -> None:
-    # float16 on the CPU: the interpreter's tensor-core product mishandles bf16 (numpy has no
-    # such type); the GPU runs bf16, as the model does.
-    dtype = torch.bfloat16 if ON_GPU else torch.float16
-    g = torch.Generator().manual_seed(rows * n)
-    x = torch.randn(1, rows, k, generator=g).to(DEVICE, dtype)
-    w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
-    want = F.linear(x.double(), w.double()).cpu()
-    got = gemv.linear(x, w)  # 2..16 rows of half-precision weights: the skinny kernel
-    assert got.shape == (1, rows, n) and got.dtype == dtype
-    assert _rel_err(got, want) < 8e-3
-    assert _rel_err(gemv.skinny(x, w, block_n=32, block_k=128), want) < 8e-3
-    with pytest.raises(ValueError, match="rows"):
-        gemv.skinny(torch.randn(17, k).to(DEVICE, dtype), w)
-
-
 def test_without_the_interpreter_the_cpu_keeps_aten(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not triton_support.available(torch.device("cpu"))

@@ -30,7 +30,10 @@ from codellama_lsp.model.triton_support import triton_module
 
 BLOCK_T = 32  # positions per loop iteration
 MIN_SPAN = 64  # positions per program at least
-TARGET_PROGRAMS = 1056  # 8 per SM of an H100/H200: enough loads in flight to stream the keys
+# 16 per SM of an H100/H200: enough loads in flight to stream the keys. The best of
+# `bench/gemv_bench.py --attention` at batch 16 (54% of the copy rate against 49% with 8 per SM,
+# BENCHMARKS.md run 16); batch 1 is bound by latency either way.
+TARGET_PROGRAMS = 2112
 
 
 def span_for(

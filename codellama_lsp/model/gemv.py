@@ -54,49 +54,14 @@ def config_for(n: int, k: int) -> GemvConfig:
     return GemvConfig(16, 256, warps=4, stages=3)  # wqkv
 
 
-# Products of 2..16 rows (batched decode steps, short prompt tails) through `skinny` when on.
-SKINNY_ROWS = 16
-
-
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, w)`; products of few rows through the kernels where they run."""
+    """`F.linear(x, w)`; one-row products through the kernel where it runs. Products of more
+    rows stay with cuBLAS: a Triton kernel for 2-16 rows (tensor cores, weights read once) was
+    no faster at batch 16 (BENCHMARKS.md run 16)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if not rows or not w.dtype.is_floating_point or not available(x.device):
+    if rows != 1 or not w.dtype.is_floating_point or not available(x.device):
         return F.linear(x, w)
-    if rows == 1:
-        return gemv(x, w)
-    if rows <= SKINNY_ROWS and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype:
-        return skinny(x, w)
-    return F.linear(x, w)
-
-
-def skinny(x: torch.Tensor, w: torch.Tensor, block_n: int = 16, block_k: int = 256) -> torch.Tensor:
-    """`x [..., K]` (at most 16 rows) times `w [N, K]`^T with the weights read once: each
-    program multiplies a 16-row tile of x (rows past the last are zeros) by `block_n` weight
-    rows on the tensor cores. Half-precision inputs (a float32 product would run as tf32)."""
-    n, k = w.shape
-    rows = x.numel() // k
-    if x.shape[-1] != k or rows > SKINNY_ROWS or w.stride(1) != 1:
-        raise ValueError(f"skinny needs <= {SKINNY_ROWS} rows of {k}, got {tuple(x.shape)}")
-    mat = x.reshape(rows, k)
-    if mat.stride(1) != 1:
-        mat = mat.contiguous()
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    _skinny_kernel()[(_cdiv(n, block_n),)](
-        mat,
-        w,
-        out,
-        rows,
-        n,
-        k,
-        mat.stride(0),
-        w.stride(0),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=4,
-        num_stages=4,
-    )
-    return out.view(*x.shape[:-1], n)
+    return gemv(x, w)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
@@ -132,51 +97,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@functools.cache
-def _skinny_kernel() -> Any:
-    """The jitted few-row kernel, made at first use."""
-    triton = triton_module()
-    tl = triton.language
-
-    @triton.jit(do_not_specialize=["rows"])  # type: ignore[misc]
-    def skinny_kernel(
-        x_ptr,
-        w_ptr,
-        out_ptr,
-        rows,
-        n,
-        k,
-        stride_x,
-        stride_wn,
-        BLOCK_N: tl.constexpr,  # type: ignore[name-defined]
-        BLOCK_K: tl.constexpr,  # type: ignore[name-defined]
-    ):
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        lines = tl.arange(0, 16)
-        depth = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for start in tl.range(0, k, BLOCK_K):
-            at = start + depth
-            xs = tl.load(
-                x_ptr + lines[:, None] * stride_x + at[None, :],
-                mask=(lines[:, None] < rows) & (at[None, :] < k),
-                other=0.0,
-            )
-            ws = tl.load(
-                w_ptr + cols[None, :].to(tl.int64) * stride_wn + at[:, None],
-                mask=(cols[None, :] < n) & (at[:, None] < k),
-                other=0.0,
-                eviction_policy="evict_first",
-            )
-            acc = tl.dot(xs, ws, acc)
-        ok = (lines[:, None] < rows) & (cols[None, :] < n)
-        tl.store(
-            out_ptr + lines[:, None] * n + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok
-        )
-
-    return skinny_kernel
 
 
 @functools.cache
