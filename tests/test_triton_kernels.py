@@ -10,7 +10,9 @@ ones are then `test_fast_paths`'s GPU test); bench/ times the kernels.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,12 +24,18 @@ from codellama_lsp.model import (
     gemv,
     kv_write,
     layer_kernels,
+    parallel,
     rope_kernel,
     triton_support,
 )
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.engine_events import collect
-from codellama_lsp.model.random_checkpoint import TINY_ARGS, StateDict
+from codellama_lsp.model.random_checkpoint import (
+    TINY_ARGS,
+    StateDict,
+    random_state_dict,
+    shard_state_dict,
+)
 from codellama_lsp.model.transformer import Transformer, build_transformer
 from codellama_lsp.model.types import EngineRequest, Event, SamplingParams
 
@@ -384,3 +392,44 @@ def test_engine_with_the_kernels_generates_what_the_plain_engine_does(
     for rid, generation in fast.items():
         torch.testing.assert_close(generation.logprobs, plain[rid].logprobs, rtol=1e-5, atol=1e-5)
     assert sum(v.cached_tokens for v in fast.values()) > 0  # shared pages were read
+
+
+def _mp2_rank(rank: int, store: str, out_dir: str, requests: list[EngineRequest]) -> None:
+    """One rank of a model split over two processes, serving `requests` with the kernels."""
+    parallel.init_model_parallel(2, rank, "gloo", f"file://{store}", timeout_s=60)
+    try:
+        full = random_state_dict(TINY_ARGS, seed=0, dtype=torch.float32)
+        model = build_transformer(TINY_ARGS, device="cpu", max_seq_len=128)
+        model.load_state_dict(shard_state_dict(full, TINY_ARGS, 2)[rank], strict=True)
+        kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
+        engine = Engine(model, fast_kernels=True, **kwargs)  # type: ignore[arg-type]
+        used = engine.model.ops.decode_attention is not None
+        tokens = {k: v.tokens for k, v in collect(_run(engine, requests)).items()}
+        torch.save({"kernels": used, "tokens": tokens}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        parallel.shutdown()
+
+
+@cpu_only
+@pytest.mark.slow
+def test_two_ranks_with_the_kernels_generate_what_one_plain_rank_does(
+    tiny_model: Transformer, tmp_path: Path
+) -> None:
+    """Across ranks the kernels read the all-reduces' results: those must be waited for
+    (functional collectives return lazy tensors that a kernel's raw pointer would read early)."""
+    doc = tuple(PROMPT.tolist())
+    requests = [EngineRequest(f"r{i}", doc[:n], SamplingParams(5)) for i, n in enumerate((20, 40))]
+    kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
+    plain = collect(_run(Engine(tiny_model, fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
+    ctx = mp.get_context("spawn")  # the ranks inherit TRITON_INTERPRET from the fixture
+    args = (str(tmp_path / "store"), str(tmp_path), requests)
+    procs = [ctx.Process(target=_mp2_rank, args=(rank, *args)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=240)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["kernels"]
+        assert result["tokens"] == {k: v.tokens for k, v in plain.items()}

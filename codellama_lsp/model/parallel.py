@@ -95,13 +95,21 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the model-parallel group (functional, so torch.compile traces it)."""
-    return funcol.all_reduce(t, "sum", fs_init.get_model_parallel_group())
+    return _waited(funcol.all_reduce(t, "sum", fs_init.get_model_parallel_group()))
 
 
 def all_gather_last_dim(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's `t` along the last dimension, in rank order (as fairscale)."""
     group = fs_init.get_model_parallel_group()
-    return _all_gather(t.contiguous(), t.dim() - 1, group)
+    return _waited(_all_gather(t.contiguous(), t.dim() - 1, group))
+
+
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    """The collective's result as a plain tensor, its work waited for. Eagerly, functional
+    collectives return a lazy wrapper (`AsyncCollectiveTensor`) that waits only when an ATen op
+    touches it; a Triton kernel reads the raw memory (`data_ptr`) and would read the result
+    before it exists (an illegal address on a GPU, BENCHMARKS.md run 18)."""
+    return funcol.wait_tensor(t)
 
 
 def barrier() -> None:
