@@ -144,7 +144,7 @@ _FIM_DOC = "prompt layout: psm, spm, or auto (spm when the suffix is the longer 
 _CONTEXT_DOC = "prompt budget in tokens (0: maxSeqLen minus the answer's budget)"
 _KV_TOKENS_DOC = "KV-cache pool in tokens, all requests (0: CUDA by fraction, CPU batch*seq)"
 _KV_FRACTION_DOC = "CUDA: share of the memory free after the weights for the KV cache"
-_FAST_DOC = "CUDA: fused projections, compiled kernels and graphs recorded at start"
+_FAST_DOC = "CUDA: fused projections, Triton kernels and graphs recorded at start"
 _ACROSS_DOC = "experimental: with nproc > 1, CUDA graphs that hold the NCCL all-reduces too"
 _INSTRUCT_DOC = "Instruct checkpoint for code actions (= model.ckptDir: one worker group)"
 _SHARE_DOC = "the completion model is a 7B/13B Instruct model: actions run on it too"

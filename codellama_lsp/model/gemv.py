@@ -57,7 +57,7 @@ def config_for(n: int, k: int) -> GemvConfig:
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, w)`; one-row products through the kernel where it runs. Products of more
     rows stay with cuBLAS: a Triton kernel for 2-16 rows (tensor cores, weights read once) was
-    no faster at batch 16 (BENCHMARKS.md run 16)."""
+    no faster at batch 16 (BENCHMARKS.md runs 15-16)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if rows != 1 or not w.dtype.is_floating_point or not available(x.device):
         return F.linear(x, w)

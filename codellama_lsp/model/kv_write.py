@@ -1,10 +1,10 @@
 """Writing a forward's new keys and values into the cache's pages, as one Triton kernel.
 
 Why: the caches' own `write` scatters K and V with `index_put_` (two generic indexing kernels and
-a few for the positions, per layer): 1.9 ms of a 1,536-token prefill's 32.5 ms of GPU time on an
-H100 (BENCHMARKS.md run 14). Here one program copies a block of key heads of one token, K and V
-together, to the page that holds its position. One-token steps do not need it: their attention
-kernel writes their key and value (`decode_attention`).
+a few for the positions, per layer): 2.4 ms of a 1,536-token prefill's 32.5 ms of GPU time on an
+H100 (BENCHMARKS.md run 14; 30.4 ms with this kernel, run 15). Here one program copies a block of
+key heads of one token, K and V together, to the page that holds its position. One-token steps
+do not need it: their attention kernel writes their key and value (`decode_attention`).
 
 Both caches are addressed as pages (see `decode_attention`): position p of row b lies in page
 `page_rows[b, p // page_size]` at offset `p % page_size`.
