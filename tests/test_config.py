@@ -163,7 +163,7 @@ def test_schema_lists_every_setting_with_type_and_default() -> None:
     assert schema["model.fastKernels"] == {
         "type": "boolean",
         "default": True,
-        "description": ("CUDA: fused projections, compiled kernels and graphs recorded at start"),
+        "description": ("CUDA: fused projections, Triton kernels and graphs recorded at start"),
     }
     assert schema["model.graphsAcrossRanks"]["default"] is False
     assert len(schema) == 42
