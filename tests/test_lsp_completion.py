@@ -173,9 +173,11 @@ async def test_client_cancellation_reaches_the_worker(session: Any) -> None:
     text = "class Stack:\n    def push(self, item):\n        \n"
     uri = fresh_uri(session)
     open_doc(session.client, uri, text)
-    # A long answer (random weights never end a block), so the cancel meets it mid-generation
-    # however fast this machine is.
-    set_completion(session, {"maxTokensMultiline": 400, "numCandidates": 1})
+    # A long answer in either mode (random weights never end a block, nor a line but by
+    # chance), so the cancel meets it mid-generation however fast this machine is: with the
+    # default 6-token line answers it could finish before the cancel (seen once in ~10 runs).
+    long_answers = {"maxTokensSingleLine": 400, "maxTokensMultiline": 400, "numCandidates": 1}
+    set_completion(session, long_answers)
     try:
         before = await session.stats()
         msg_id = f"cancel-me-{session.profile}"

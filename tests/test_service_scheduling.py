@@ -112,6 +112,26 @@ async def test_superseding_stops_the_running_generation_on_the_worker(tok: Token
     assert "old.0" in generator.cancelled
 
 
+async def test_a_request_counts_as_generating_only_once_the_worker_has_it(
+    tok: Tokenizer,
+) -> None:
+    """A cancel right after `generating` shows must stop a request the worker has: the flag
+    used to rise before the candidate task ran, and a cancel in that window stopped nothing."""
+    generator = FakeGenerator(tok.encode_nospace(" value") * 40, delay=0.01)
+    service = service_with(generator, tok, {"numCandidates": 1})
+    service.did_open("u", "python", 1, "def f(value):\n    return ")
+    task = asyncio.create_task(service.complete("u", (1, 11), True, "r1"))
+    while service.scheduler.generating() == 0:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert generator.started == ["r1.0"] and generator.cancelled[:1] == ["r1.0"]
+    counts = service.stats.snapshot()["counts"]
+    assert counts["generation"]["stoppedOnWorker"] == 1
+    assert counts["completion"]["cancelled"] == 1
+
+
 async def test_a_closed_document_drops_its_generation(tok: Tokenizer) -> None:
     generator = FakeGenerator(tok.encode_nospace("abc") * 50, delay=0.02)
     service = service_with(generator, tok, {"maxTokensMultiline": 100})

@@ -23,6 +23,7 @@ from codellama_lsp.infill.window import Window, select_window
 from codellama_lsp.model.tokenizer import Tokenizer
 from codellama_lsp.model.types import EngineRequest, FinishEvent, FinishReason, SamplingParams
 from codellama_lsp.service.generator import Generator
+from codellama_lsp.service.scheduler import SupersededError
 
 # BOS, PRE, SUF, MID, plus one for the leading-space piece a side may gain when encoded alone.
 PROMPT_OVERHEAD_TOKENS = 5
@@ -225,16 +226,25 @@ async def complete_at(
         raise PromptError(f"the prompt ({len(plan.prompt)} tokens) does not fit max_seq_len")
     count = candidate_count(settings, cursor.invoked)
     stops: list[Callable[[], None]] = []
-
-    def remember_stop(stop: Callable[[], None]) -> None:
-        stops.append(stop)
+    stopped = False
 
     def stop_all() -> None:
+        nonlocal stopped
+        stopped = True
         for stop in stops:
             stop()
 
-    if on_start is not None:
-        on_start(stop_all)
+    def remember_stop(stop: Callable[[], None]) -> None:
+        # Called as each candidate is about to reach the worker (no await until it has): the
+        # request counts as generating from the first (`on_start` may stop it at once, if it
+        # was superseded while waiting), and a stop that came before a candidate started keeps
+        # it from starting at all: a cancel sent before the request would be ignored.
+        if not stops and on_start is not None:
+            on_start(stop_all)
+        if stopped:
+            raise SupersededError("stopped before generation started")
+        stops.append(stop)
+
     requests = [
         EngineRequest(
             f"{request_id}.{index}",

@@ -40,8 +40,11 @@ class Ticket:
         return self._on_supersede is not None
 
     def on_supersede(self, callback: Callable[[], None] | None) -> None:
-        """Set what stops this ticket's generation (cancel on the worker); None when idle."""
+        """Set what stops this ticket's generation (cancel on the worker); None when idle. Run
+        at once when the ticket was superseded already."""
         self._on_supersede = callback
+        if self.superseded and callback is not None:
+            callback()
 
     def supersede(self) -> None:
         if self.superseded:
