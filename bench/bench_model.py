@@ -206,10 +206,9 @@ def section_fast(
     out: Results,
     profile: bool = False,
 ) -> float | None:
-    """The engine's fast kernels: fused projections, compiled elementwise ops, the Triton GEMV,
-    graphs. Decode tok/s per batch and greedy agreement with the plain eager runs of the decode
-    section; batch 1 again with cuBLAS's products instead of the GEMV. Returns the batch-1
-    step's seconds."""
+    """The engine's fast kernels: fused projections, the Triton kernels, graphs. Decode tok/s
+    per batch and greedy agreement with the plain eager runs of the decode section; then each
+    Triton kernel left out in turn (`_fast_without`). Returns the batch-1 step's seconds."""
     seconds = wall(lambda: _make_fast(model, device), device)
     out.add(f"fast_setup_{plan.shape}", seconds, "s", note="fuse projections + compile a prefill")
     decoder = GraphedDecoder(
@@ -222,19 +221,14 @@ def section_fast(
         "s",
         note=f"{decoder.stats['captured']} graphs, compile included",
     )
-    kv = plan.decode_ctx + plan.decode_steps / 2
     step_b1 = None
     for b in plan.decode_batches:
-        loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, 2)  # warm-up, compile
-        run = loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, plan.decode_steps)
-        tok_s = b * plan.decode_steps / run.seconds
-        floor = decode_floor_tok_s(plan, b, kv, copy_rate)
-        ms = run.seconds / plan.decode_steps * 1e3
-        step_b1 = ms / 1e3 if b == 1 else step_b1
-        note = f"{ms:.2f} ms/step; ctx {plan.decode_ctx}"
+        seconds = _time_steps(decoder, plan, state, b)
+        step_b1 = seconds if b == 1 else step_b1
+        note = f"{seconds * 1e3:.2f} ms/step; ctx {plan.decode_ctx}"
         if b in state.step_s:
-            note += f"; {state.step_s[b][1] * 1e3 / ms:.2f}x plain graphs"
-        out.add(f"decode_{plan.shape}_b{b}_fast", tok_s, "tok/s", 100 * tok_s / floor, note)
+            note += f"; {state.step_s[b][1] / seconds:.2f}x plain graphs"
+        _add_decode(out, plan, b, seconds, copy_rate, "fast", note)
     for b, eager_run in state.eager_runs.items():
         fast = loops.decode(
             decoder.decode, state.first[:b], plan.decode_ctx, plan.exact_steps, keep=True
@@ -266,21 +260,32 @@ def _fast_without(
         "cublas": ("cuBLAS products", {"linear": F.linear}),
         "gathered": ("gathered K/V + SDPA", {"decode_attention": None}),
     }
-    kv = plan.decode_ctx + plan.decode_steps / 2
     for label, (what, change) in variants.items():
         model.ops = replace(fast, **change)  # type: ignore[arg-type]
         decoder = GraphedDecoder(
             model, state.cache, mode="graphs" if device.type == "cuda" else "padded"
         )
         for b in sorted({1, plan.max_batch}):
-            loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, 2)
-            run = loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, plan.decode_steps)
-            tok_s = b * plan.decode_steps / run.seconds
-            floor = decode_floor_tok_s(plan, b, kv, copy_rate)
-            note = f"{run.seconds / plan.decode_steps * 1e3:.2f} ms/step; {what}"
-            name = f"decode_{plan.shape}_b{b}_fast_{label}"
-            out.add(name, tok_s, "tok/s", 100 * tok_s / floor, note)
+            seconds = _time_steps(decoder, plan, state, b)
+            note = f"{seconds * 1e3:.2f} ms/step; {what}"
+            _add_decode(out, plan, b, seconds, copy_rate, f"fast_{label}", note)
     model.ops = fast
+
+
+def _time_steps(decoder: GraphedDecoder, plan: Plan, state: DecodeState, b: int) -> float:
+    """Seconds per greedy step of rows 0..b-1, after two untimed steps (captures, compiles)."""
+    loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, 2)
+    run = loops.decode(decoder.decode, state.first[:b], plan.decode_ctx, plan.decode_steps)
+    return run.seconds / plan.decode_steps
+
+
+def _add_decode(
+    out: Results, plan: Plan, b: int, seconds: float, copy_rate: float, label: str, note: str
+) -> None:
+    """Record tok/s of a step of `b` rows taking `seconds`, against the decode floor."""
+    floor = decode_floor_tok_s(plan, b, plan.decode_ctx + plan.decode_steps / 2, copy_rate)
+    tok_s = b / seconds
+    out.add(f"decode_{plan.shape}_b{b}_{label}", tok_s, "tok/s", 100 * tok_s / floor, note)
 
 
 def _make_fast(model: Transformer, device: torch.device) -> None:

@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 import torch
+from engine_support import serve
 
 from codellama_lsp.model import fused
 from codellama_lsp.model.cuda_graphs import GraphedDecoder, pad_columns, width_bucket
@@ -22,7 +23,7 @@ from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.engine_events import collect
 from codellama_lsp.model.random_checkpoint import TINY_ARGS, StateDict
 from codellama_lsp.model.transformer import Transformer, build_transformer
-from codellama_lsp.model.types import EngineRequest, Event, SamplingParams
+from codellama_lsp.model.types import EngineRequest, SamplingParams
 
 SEQ = 96
 _g = torch.Generator().manual_seed(5)
@@ -149,16 +150,6 @@ class _PaddedEngine(Engine):
         self.decoder = GraphedDecoder(model, self.cache, mode="padded")
 
 
-def _run(engine: Engine, requests: list[EngineRequest]) -> list[Event]:
-    events: list[Event] = []
-    for request in requests:
-        engine.add(request)
-        events += engine.step()
-    while engine.has_work():
-        events += engine.step()
-    return events
-
-
 def test_engine_fast_paths_generate_what_the_plain_engine_does(
     own_model: Transformer, tiny_model: Transformer
 ) -> None:
@@ -171,9 +162,9 @@ def test_engine_fast_paths_generate_what_the_plain_engine_does(
     echo = SamplingParams(4, logprobs=True, echo=True)
     requests.append(EngineRequest("echo", doc[:25], echo))
     kwargs = {"max_batch_size": 2, "max_seq_len": SEQ, "device": "cpu", "prefill_chunk": 16}
-    plain = collect(_run(Engine(tiny_model, **kwargs), requests))  # type: ignore[arg-type]
+    plain = collect(serve(Engine(tiny_model, **kwargs), requests))  # type: ignore[arg-type]
     fast_engine = _PaddedEngine(own_model, fast_kernels=True, **kwargs)
-    fast = collect(_run(fast_engine, requests))
+    fast = collect(serve(fast_engine, requests))
     assert own_model.blocks()[0].attention.wqkv is not None  # the warm-up fused them
     assert {k: v.tokens for k, v in fast.items()} == {k: v.tokens for k, v in plain.items()}
     torch.testing.assert_close(
@@ -223,11 +214,11 @@ def test_engine_fast_kernels_on_cuda_generate_what_the_plain_kernels_do(
     prompts = [doc[:20], doc[:23], doc[:29], doc[:30], doc]
     requests = [EngineRequest(f"r{i}", p, SamplingParams(8)) for i, p in enumerate(prompts)]
     kwargs = {"max_batch_size": 2, "max_seq_len": SEQ, "device": "cuda", "prefill_chunk": 16}
-    plain = collect(_run(Engine(cuda_model(), fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
+    plain = collect(serve(Engine(cuda_model(), fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
     fast_engine = Engine(cuda_model(), fast_kernels=True, **kwargs)  # type: ignore[arg-type]
     ops = fast_engine.model.ops
     assert ops.compiled and ops.decode_attention is not None, "see the engine's warning"
-    fast = collect(_run(fast_engine, requests))
+    fast = collect(serve(fast_engine, requests))
     assert {k: v.tokens for k, v in fast.items()} == {k: v.tokens for k, v in plain.items()}
     stats = fast_engine.decoder.stats
     assert stats["graphs"] > 0 and stats["graphs tail"] > 0, stats

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_support import serve
 
 from codellama_lsp.model import (
     decode_attention,
@@ -37,7 +38,7 @@ from codellama_lsp.model.random_checkpoint import (
     shard_state_dict,
 )
 from codellama_lsp.model.transformer import Transformer, build_transformer
-from codellama_lsp.model.types import EngineRequest, Event, SamplingParams
+from codellama_lsp.model.types import EngineRequest, SamplingParams
 
 pytest.importorskip("triton")
 
@@ -364,16 +365,6 @@ def test_model_decode_through_the_kernels_equals_the_plain_forward(
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def _run(engine: Engine, requests: list[EngineRequest]) -> list[Event]:
-    events: list[Event] = []
-    for request in requests:
-        engine.add(request)
-        events += engine.step()
-    while engine.has_work():
-        events += engine.step()
-    return events
-
-
 @cpu_only
 def test_engine_with_the_kernels_generates_what_the_plain_engine_does(
     kernel_model: Transformer, tiny_model: Transformer
@@ -384,10 +375,10 @@ def test_engine_with_the_kernels_generates_what_the_plain_engine_does(
     params = SamplingParams(5, logprobs=True)
     requests = [EngineRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
     kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
-    plain = collect(_run(Engine(tiny_model, fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
+    plain = collect(serve(Engine(tiny_model, fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
     engine = Engine(kernel_model, fast_kernels=True, **kwargs)  # type: ignore[arg-type]
     assert engine.model.ops.decode_attention is not None
-    fast = collect(_run(engine, requests))
+    fast = collect(serve(engine, requests))
     assert {k: v.tokens for k, v in fast.items()} == {k: v.tokens for k, v in plain.items()}
     for rid, generation in fast.items():
         torch.testing.assert_close(generation.logprobs, plain[rid].logprobs, rtol=1e-5, atol=1e-5)
@@ -404,7 +395,7 @@ def _mp2_rank(rank: int, store: str, out_dir: str, requests: list[EngineRequest]
         kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
         engine = Engine(model, fast_kernels=True, **kwargs)  # type: ignore[arg-type]
         used = engine.model.ops.decode_attention is not None
-        tokens = {k: v.tokens for k, v in collect(_run(engine, requests)).items()}
+        tokens = {k: v.tokens for k, v in collect(serve(engine, requests)).items()}
         torch.save({"kernels": used, "tokens": tokens}, f"{out_dir}/rank{rank}.pt")
     finally:
         parallel.shutdown()
@@ -420,7 +411,7 @@ def test_two_ranks_with_the_kernels_generate_what_one_plain_rank_does(
     doc = tuple(PROMPT.tolist())
     requests = [EngineRequest(f"r{i}", doc[:n], SamplingParams(5)) for i, n in enumerate((20, 40))]
     kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
-    plain = collect(_run(Engine(tiny_model, fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
+    plain = collect(serve(Engine(tiny_model, fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
     ctx = mp.get_context("spawn")  # the ranks inherit TRITON_INTERPRET from the fixture
     args = (str(tmp_path / "store"), str(tmp_path), requests)
     procs = [ctx.Process(target=_mp2_rank, args=(rank, *args)) for rank in range(2)]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from codellama_lsp.model.triton_support import triton_module
+from codellama_lsp.model.triton_support import page_strides, triton_module
 
 BLOCK_T = 32  # positions per loop iteration
 MIN_SPAN = 64  # positions per program at least
@@ -97,13 +97,7 @@ def attend(
         k.stride(2),
         v.stride(0),
         v.stride(2),
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        values.stride(0),
-        values.stride(1),
-        values.stride(2),
-        page_rows.stride(0),
+        *page_strides(keys, values, page_rows),
         page_size,
         h // h_kv,
         kv_len,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from codellama_lsp.model.triton_support import triton_module
+from codellama_lsp.model.triton_support import page_strides, triton_module
 
 HEADS_PER_PROGRAM = 4
 
@@ -53,13 +53,7 @@ def write(
         v.stride(0),
         v.stride(1),
         v.stride(2),
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        values.stride(0),
-        values.stride(1),
-        values.stride(2),
-        page_rows.stride(0),
+        *page_strides(keys, values, page_rows),
         page_size,
         H_KV=h_kv,
         HEADS=HEADS_PER_PROGRAM,

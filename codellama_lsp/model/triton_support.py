@@ -48,3 +48,12 @@ def flat_stride(x: torch.Tensor, dims: int) -> int | None:
         if outer != inner * size:
             return None
     return kept[-1][1]
+
+
+def page_strides(
+    keys: torch.Tensor, values: torch.Tensor, page_rows: torch.Tensor
+) -> tuple[int, ...]:
+    """What a kernel needs to address a cache's pages: the page, position and head strides of
+    `keys` and of `values` (`[n_pages, page_size, H_kv, D]`), then the page table's row
+    stride."""
+    return (*keys.stride()[:3], *values.stride()[:3], page_rows.stride(0))
