@@ -1,15 +1,20 @@
-"""The elementwise pieces of a layer, each one function, so that on CUDA each can be one kernel.
+"""What a layer calls for its work (`LayerOps`), and the reference math of its elementwise pieces.
 
-Why: eager PyTorch runs the reference's float32 RMSNorm as about seven kernels, the rotary
-embedding as about ten per tensor, and SiLU-times-gate as three. A 7B decode step launched ~2,000
-kernels (BENCHMARKS.md, run 1's profile), so a graph replay spent ~1.7 ms of its 8.2 ms in them,
-and an eager prefill of 512 tokens was bound by launching them. `LayerOps.compiled()` runs the same
-functions through `torch.compile(dynamic=True)`: one generated kernel per call whatever the
-sequence length, compiled once per process (a layer's pieces are shared by all layers).
+Why one function per piece: eager PyTorch runs the reference's float32 RMSNorm as about seven
+kernels, the rotary embedding as about ten per tensor, and SiLU-times-gate as three. A 7B decode
+step launched ~2,000 kernels (BENCHMARKS.md, run 1's profile), so a graph replay spent ~1.7 ms of
+its 8.2 ms in them, and an eager prefill of 512 tokens was bound by launching them. A layer calls
+its pieces through `LayerOps`, so each can be swapped for one kernel:
+- `LayerOps.with_triton_kernels()`, the default on CUDA: hand-written Triton kernels for every
+  piece, the one-row matrix products, one-token attention and cache writes (their modules say
+  why each one and what it measured);
+- `LayerOps.compiled_ops()`, where Triton is missing: the same functions through
+  `torch.compile(dynamic=True)`, one generated kernel per call.
 
 The eager functions are the reference math (Meta's `RMSNorm`, `apply_rotary_emb`, `FeedForward`).
-Compiled ones compute the same values up to float32 reduction order (inductor is asked to round
-intermediates as eager does), so greedy choices can differ only at ties within bf16 rounding.
+Kernels compute the same values up to float32 reduction order (rounding where the reference
+rounds; inductor is asked to do the same), so greedy choices can differ only at ties within bf16
+rounding.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerOps:
-    """The functions a layer calls for its elementwise work: eager, or compiled on CUDA."""
+    """The functions a layer calls: eager (the reference), Triton kernels, or compiled ones."""
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     add_rms_norm: Callable[
