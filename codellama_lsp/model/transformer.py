@@ -180,15 +180,7 @@ class Attention(nn.Module):
         values: rounded to the cache's dtype as the cache holds them). `[B, T, H, D]`."""
         self._write(k, v, ctx)
         dtype = ctx.cache.layer(self.layer_id)[0].dtype
-        n_rep = self.n_local_heads // self.n_local_kv_heads
-        keys, values = repeat_kv(k.to(dtype), n_rep), repeat_kv(v.to(dtype), n_rep)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            keys.transpose(1, 2).to(q.dtype),
-            values.transpose(1, 2).to(q.dtype),
-            is_causal=True,
-        )
-        return out.transpose(1, 2)
+        return self._sdpa(q, k.to(dtype), v.to(dtype), ctx)
 
     def _attend_gathered(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _StepContext
@@ -197,6 +189,13 @@ class Attention(nn.Module):
         the forward's mask. `[B, T, H, D]`."""
         self._write(k, v, ctx)
         keys, values = ctx.cache.read(self.layer_id, ctx.slots, ctx.kv_len, ctx.page_rows)
+        return self._sdpa(q, keys, values, ctx)
+
+    def _sdpa(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: _StepContext
+    ) -> torch.Tensor:
+        """SDPA of `q [B, T, H, D]` over `keys`, `values` `[B, L, H_kv, D]` with the forward's
+        mask (or its causal pattern). `[B, T, H, D]`."""
         n_rep = self.n_local_heads // self.n_local_kv_heads
         keys, values = repeat_kv(keys, n_rep), repeat_kv(values, n_rep)
         out = F.scaled_dot_product_attention(
