@@ -76,10 +76,11 @@ def test_decode_step_compiles_as_one_graph(tiny_model: Transformer) -> None:
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
-def test_update_writes_slot_rows_at_positions() -> None:
+def test_write_puts_slot_rows_at_positions_and_read_returns_them() -> None:
     cache = KVCache(n_layers=2, max_batch_size=3, max_seq_len=8, n_local_kv_heads=1, head_dim=2)
     k = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 1, 2) + 1
-    keys, _ = cache.update(1, _ids(2, 0), _ids(4, 1), k, -k, kv_len=7)
+    cache.write(1, _ids(2, 0), _ids(4, 1), k, -k)
+    keys, _ = cache.read(1, _ids(2, 0), kv_len=7)
     assert keys.shape == (2, 7, 1, 2)
     torch.testing.assert_close(cache.k1[2, 4:7], k[0])
     torch.testing.assert_close(cache.v1[0, 1:4], -k[1])

@@ -82,20 +82,34 @@ def test_tables_reserve_share_copy_on_write_and_truncate() -> None:
         tables.reserve(0, 30, 33)  # past max_pages * page_size
 
 
+def _write_then_read(
+    cache: PagedKVCache,
+    slots: torch.Tensor,
+    start_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer 0: what a forward does, write then read."""
+    cache.write(0, slots, start_pos, k, v)
+    return cache.read(0, slots, kv_len)
+
+
 def test_paged_cache_mirrors_the_tables_into_one_static_tensor() -> None:
     cache = PagedKVCache(1, 2, 16, n_pages=6, n_local_kv_heads=1, head_dim=1, page_size=PS)
     address = cache.page_table.data_ptr()
     assert cache.reserve(1, 0, 6)
     assert cache.page_table[1, :3].tolist() == [*cache.tables.pages(1), SCRATCH_PAGE]
     k = torch.arange(1.0, 7.0).view(1, 6, 1, 1)
-    keys, _ = cache.update(0, _ids(1), _ids(0), k, -k, kv_len=8)
+    keys, _ = _write_then_read(cache, _ids(1), _ids(0), k, -k, kv_len=8)
     assert keys[0, :6, 0, 0].tolist() == k.flatten().tolist()
     cache.copy_slot(1, 0, 5)  # shares both pages
     assert cache.page_table[0, :2].tolist() == cache.tables.pages(1)
     assert cache.reserve(0, 5, 6)  # copy-on-write of page 1, contents included
-    keys, _ = cache.update(0, _ids(0), _ids(5), k[:, :1] * 0 + 99, k[:, :1], kv_len=8)
+    keys, _ = _write_then_read(cache, _ids(0), _ids(5), k[:, :1] * 0 + 99, k[:, :1], kv_len=8)
     assert keys[0, :6, 0, 0].tolist() == [1, 2, 3, 4, 5, 99]
-    assert cache.update(0, _ids(1), _ids(7), k[:, :1], k[:, :1], kv_len=6)[0][0, 5, 0, 0] == 6
+    keys, _ = _write_then_read(cache, _ids(1), _ids(7), k[:, :1], k[:, :1], kv_len=6)
+    assert keys[0, 5, 0, 0] == 6
     cache.free_slot(0)
     assert cache.page_table[0].tolist() == [SCRATCH_PAGE] * 5
     assert cache.page_table.data_ptr() == address and cache.pool.free == 3

@@ -58,16 +58,6 @@ class AttentionCache(Protocol):
         default `max_seq_len`); the caller masks positions a row has not reached."""
         ...
 
-    def update(
-        self,
-        layer: int,
-        slots: torch.Tensor,
-        start_pos: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_len: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
 
 class LayerBuffers(nn.Module):
     """One K and one V buffer of `shape` per layer (`k0`, `v0`, ...), what both caches hold."""
@@ -137,19 +127,6 @@ class KVCache(LayerBuffers):
         rows = slots[:, None].expand_as(positions)
         cache_k.index_put_((rows, positions), k.to(cache_k.dtype))
         cache_v.index_put_((rows, positions), v.to(cache_v.dtype))
-
-    def update(
-        self,
-        layer: int,
-        slots: torch.Tensor,
-        start_pos: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_len: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`write`, then `read`."""
-        self.write(layer, slots, start_pos, k, v)
-        return self.read(layer, slots, kv_len)
 
     def read(
         self,

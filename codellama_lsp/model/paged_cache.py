@@ -82,20 +82,6 @@ class PagedKVCache(LayerBuffers):
         pool_k.index_put_((pages, offsets), k.to(pool_k.dtype))
         pool_v.index_put_((pages, offsets), v.to(pool_v.dtype))
 
-    def update(
-        self,
-        layer: int,
-        slots: torch.Tensor,
-        start_pos: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_len: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `KVCache.update`: `write`, then `read`."""
-        table = self.page_rows(slots)  # [B, max_pages]
-        self.write(layer, slots, start_pos, k, v, table)
-        return self.read(layer, slots, kv_len, table)
-
     def read(
         self,
         layer: int,
