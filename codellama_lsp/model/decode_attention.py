@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from codellama_lsp.model.triton_support import page_strides, triton_module
+from codellama_lsp.model.triton_support import cdiv, next_pow2, page_strides, triton_module
 
 BLOCK_T = 32  # positions per loop iteration
 MIN_SPAN = 64  # positions per program at least
@@ -40,9 +40,8 @@ def span_for(
     rows: int, heads: int, kv_len: int, target: int = TARGET_PROGRAMS, block_t: int = BLOCK_T
 ) -> int:
     """Positions per program: short enough to give ~`target` programs, a `block_t` multiple."""
-    spans = max(1, min(target // max(1, rows * heads), -(-kv_len // MIN_SPAN)))
-    span = -(-kv_len // spans)
-    return -(-span // block_t) * block_t
+    spans = max(1, min(target // max(1, rows * heads), cdiv(kv_len, MIN_SPAN)))
+    return cdiv(cdiv(kv_len, spans), block_t) * block_t
 
 
 def attend(
@@ -76,7 +75,7 @@ def attend(
     if keys.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         raise ValueError("decode attention needs contiguous head dimensions")
     span = span_for(b, h, kv_len, target, block_t)
-    spans = -(-kv_len // span)
+    spans = cdiv(kv_len, span)
     qv = q.reshape(b, h, d)
     partial = torch.empty(b, h, spans, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, spans, dtype=torch.float32, device=q.device)
@@ -109,12 +108,8 @@ def attend(
         num_warps=warps,
     )
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
-    merge[(b, h)](partial, lse, out, spans, D=d, SPANS=_pow2(spans), num_warps=4)
+    merge[(b, h)](partial, lse, out, spans, D=d, SPANS=next_pow2(spans), num_warps=4)
     return out.view(b, 1, h, d)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @functools.cache

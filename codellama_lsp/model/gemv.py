@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from codellama_lsp.model.triton_support import available, interpreting, triton_module
+from codellama_lsp.model.triton_support import available, cdiv, interpreting, triton_module
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> 
         vec = vec.contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     kernel = _kernel()
-    grid = (_cdiv(n, cfg.block_n),)
+    grid = (cdiv(n, cfg.block_n),)
     kernel[grid](
         vec,
         w,
@@ -93,10 +93,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> 
         num_stages=cfg.stages,
     )
     return out.view(*x.shape[:-1], n)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from codellama_lsp.model.triton_support import page_strides, triton_module
+from codellama_lsp.model.triton_support import cdiv, page_strides, triton_module
 
 HEADS_PER_PROGRAM = 4
 
@@ -38,7 +38,7 @@ def write(
         raise ValueError(f"cannot write keys of shape {tuple(k.shape)} through the kernel")
     if keys.stride(3) != 1 or values.stride(3) != 1:
         raise ValueError("the cache needs contiguous head dimensions")
-    blocks = -(-h_kv // HEADS_PER_PROGRAM)
+    blocks = cdiv(h_kv, HEADS_PER_PROGRAM)
     _kernel()[(b * t, blocks)](
         k,
         v,

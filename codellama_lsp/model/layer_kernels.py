@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from codellama_lsp.model import fused
-from codellama_lsp.model.triton_support import available, flat_stride, triton_module
+from codellama_lsp.model.triton_support import (
+    available,
+    cdiv,
+    flat_stride,
+    next_pow2,
+    triton_module,
+)
 
 
 def add_rms_norm(
@@ -32,7 +38,7 @@ def add_rms_norm(
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     _kernels()[0][(rows,)](
-        x, delta, weight, h, normed, eps, dim, BLOCK=_pow2(dim), num_warps=_warps(dim)
+        x, delta, weight, h, normed, eps, dim, BLOCK=next_pow2(dim), num_warps=_warps(dim)
     )
     return h, normed
 
@@ -48,17 +54,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     rows = gate.numel() // width
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
-    grid = (rows, -(-width // block))
+    grid = (rows, cdiv(width, block))
     _kernels()[1][grid](gate, up, out, gate_stride, up_stride, width, BLOCK=block)
     return out
 
 
 def _rows_ok(*tensors: torch.Tensor) -> bool:
     return all(t.is_contiguous() for t in tensors)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _warps(dim: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from codellama_lsp.model import fused
-from codellama_lsp.model.triton_support import available, flat_stride, triton_module
+from codellama_lsp.model.triton_support import available, cdiv, flat_stride, triton_module
 
 HEADS_PER_PROGRAM = 2
 
@@ -37,8 +37,7 @@ def rope_qk(
         rows = rows.contiguous().float()
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
     k_out = torch.empty_like(k, memory_format=torch.contiguous_format)
-    q_blocks = -(-h // HEADS_PER_PROGRAM)
-    k_blocks = -(-h_kv // HEADS_PER_PROGRAM)
+    q_blocks, k_blocks = cdiv(h, HEADS_PER_PROGRAM), cdiv(h_kv, HEADS_PER_PROGRAM)
     _kernel()[(b * t, q_blocks + k_blocks)](
         q,
         k,

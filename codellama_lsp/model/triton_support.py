@@ -38,6 +38,16 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
+def cdiv(a: int, b: int) -> int:
+    """`ceil(a / b)`: programs or blocks that cover `a` items `b` at a time."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (Triton's block sizes)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def flat_stride(x: torch.Tensor, dims: int) -> int | None:
     """The one stride that walks `x`'s first `dims` dims flattened (rows of a kernel), or None
     when they do not flatten. Dims of size 1 are skipped: PyTorch gives them any stride."""
