@@ -168,10 +168,10 @@ class Engine:
         self._samples = parallel.model_parallel_rank() == 0
 
     def _speed_up(self, capture_kv_len: int, compile_ops: bool) -> None:
-        """Fuse the projections, compile the elementwise kernels (CUDA), make the Triton kernels
-        (one-row products, one-token attention) and record the common graphs now, so that no
-        request waits for them. All of it needs Triton: without it (or if anything here fails)
-        the model keeps its eager kernels, which compute the same."""
+        """Fuse the projections, make the fast kernels (Triton's, or torch.compile's where
+        Triton is missing: `Transformer.use_compiled_ops`) and record the common graphs now, so
+        that no request waits for them. If anything here fails the model keeps its eager
+        kernels, which compute the same."""
         self.model.fuse_projections()
         self.model.use_compiled_ops(compile_ops)
         started = time.monotonic()
