@@ -43,6 +43,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--context-tokens", type=int, default=2000)
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--server-log", type=Path, default=Path("lsp_server.log"))
+    # psm / spm: answers run to 48 tokens; *_line: capped at the line's length (see above).
+    parser.add_argument("--sessions", default="psm,psm_line,spm_line")
     return parser.parse_args()
 
 
@@ -158,22 +160,25 @@ def line_answer_tokens(lines: list[str], target: int, tokenizer: Tokenizer) -> i
     return max(1, int(statistics.median(counts)))
 
 
-def server_command(run: argparse.Namespace, answer_tokens: int | None) -> list[str]:
+def server_command(run: argparse.Namespace, answer_tokens: int | None, fim: str) -> list[str]:
     command = [sys.executable, "-m", "codellama_lsp", "serve", "--ckpt-dir", str(run.ckpt_dir)]
     command += ["--device", run.device, "--dtype", "float32" if run.tiny else "bfloat16"]
-    completion: dict[str, Any] = {"debounceMs": 0}
+    completion: dict[str, Any] = {"debounceMs": 0, "fimFormat": fim}
     if answer_tokens is not None:
         completion["maxTokensSingleLine"] = answer_tokens
     settings = {"completion": completion, "model": {"maxSeqLen": 4096, "maxBatchSize": 4}}
     return [*command, "--settings", json.dumps(settings)]
 
 
-def session(run: argparse.Namespace, out: Results, line_budget: bool) -> None:
+def session(run: argparse.Namespace, out: Results, name: str) -> None:
+    """One server, one replay: `name` is the prompt layout, `_line` capping the answers."""
+    fim, _, line_budget = name.partition("_")
     tokenizer = Tokenizer(run.ckpt_dir / "tokenizer.model")
     lines, target = cut_document(run.source.read_text(), tokenizer, run.context_tokens)
     answer_tokens = line_answer_tokens(lines, target, tokenizer) if line_budget else None
-    suffix = "_line" if line_budget else ""
-    client = Client(server_command(run, answer_tokens), run.server_log)
+    # The PSM figures keep their names from before the layout was a choice.
+    suffix = ("_line" if line_budget else "") + ("" if fim == "psm" else f"_{fim}")
+    client = Client(server_command(run, answer_tokens, fim), run.server_log)
     try:
         client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {}})
         client.notify("initialized", {})
@@ -189,6 +194,7 @@ def session(run: argparse.Namespace, out: Results, line_budget: bool) -> None:
             client.proc.terminate()
         client.proc.wait(timeout=60)
     budget = f"answers capped at {answer_tokens} tokens" if answer_tokens else "48-token answers"
+    budget += f", {fim.upper()} prompts"
     report(answers, server_outcomes(run.server_log), out, suffix, budget)
 
 
@@ -245,8 +251,8 @@ def main() -> None:
     if not (REPO / "codellama_lsp" / "lsp" / "server.py").is_file():
         print("bench_lsp: the language server (codellama_lsp/lsp/server.py) does not exist yet")
         return
-    session(run, out, line_budget=False)
-    session(run, out, line_budget=True)
+    for name in run.sessions.split(","):
+        session(run, out, name)
     out.finish()
 
 

@@ -50,7 +50,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="kernel table of a decode step")
     parser.add_argument("--batches", default=None, help="decode batches, e.g. 1,16")
     parser.add_argument("--exact-batches", default=None, help="greedy-agreement batches")
-    parser.add_argument("--skip", default="", help="comma list: prefill,decode,engine,fast")
+    parser.add_argument(
+        "--skip", default="", help="comma list: prefill,decode,engine,plain_engine,fast"
+    )
     return parser.parse_args()
 
 
@@ -387,7 +389,7 @@ def main() -> None:
     if "decode" not in skip:
         state = section_decode(model, plan, device, copy_rate, out, run)
     step_b1 = None if state is None else state.step_s.get(1)
-    if "engine" not in skip:
+    if not skip & {"engine", "plain_engine"}:
         engine_bench.run(model, plan, device, step_b1, out, fast=False)
     if "fast" in skip:
         out.finish()

@@ -10,6 +10,7 @@ import torch
 from common import Results, sync
 from plan import Plan
 
+from codellama_lsp.model.cuda_graphs import MAX_TAIL_WIDTH, TAIL_WIDTHS
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.transformer import Transformer
 from codellama_lsp.model.types import EngineRequest, Event, FinishEvent, SamplingParams, TokenEvent
@@ -23,6 +24,8 @@ def run(
     `step_s`: seconds per batch-1 decode step (eager, graphed) from the decode section."""
     label = "fast" if fast else "graphs"
     prefix_reuse(model, plan, device, step_s, out, fast, label)
+    if fast:
+        psm_keystrokes(model, plan, device, out)
     aggregate(model, plan, device, out, fast, label)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -70,6 +73,41 @@ def prefix_reuse(
         None,
         note,
     )
+
+
+def psm_keystrokes(model: Transformer, plan: Plan, device: torch.device, out: Results) -> None:
+    """Keystrokes in the PSM layout: each types one token at 3/4 of a `reuse_prompt`-token
+    prompt, so the quarter after it (the suffix, then <MID>) is read again from there. Prompt
+    tails through the decoder's graphs (wider than 16 recorded on first use), then with those
+    wide tails run eagerly, the path before (`max_tail_width` 16). Also a cold prompt twice:
+    it is one tail from position 0."""
+    n = plan.reuse_prompt
+    engine = Engine(model, max_batch_size=2, max_seq_len=n + 64, device=device, fast_kernels=True)
+    one = SamplingParams(max_gen_len=1)
+    for wide, label in ((True, "tail_graphs"), (False, "eager_tails")):
+        engine.decoder.max_tail_width = MAX_TAIL_WIDTH if wide else TAIL_WIDTHS[-1]
+        engine.decoder.stats.clear()
+        doc = torch.randint(3, 32000, (n + 8,)).tolist()
+        colds = [
+            _ttft(engine, EngineRequest(f"c{i}", tuple(doc[i : i + n]), one), device)[0]
+            for i in range(2)
+        ]
+        base, typed, split = doc[:n], doc[n:], n * 3 // 4
+        _ttft(engine, EngineRequest("base", tuple(base), one), device)
+        times, cached = [], 0
+        for i in range(5):  # the first keystroke records the tail's graph (wide tails on)
+            prompt = tuple(base[:split] + typed[: i + 1] + base[split:])
+            seconds, cached = _ttft(engine, EngineRequest(f"k{i}", prompt, one), device)
+            times.append(seconds)
+        name, stats = f"{plan.shape}_{label}", dict(engine.decoder.stats)
+        note = f"engine, fast kernels; cached {cached} of {n + 5} tokens; decoder {stats}"
+        out.add(f"ttft_psm_keystroke_{name}", statistics.median(times[1:]) * 1e3, "ms", None, note)
+        note = "the first keystroke: records the tail's graph when wide tails are on"
+        out.add(f"ttft_psm_keystroke_first_{name}", times[0] * 1e3, "ms", None, note)
+        note = f"a second cold prompt; the first took {colds[0] * 1e3:.1f} ms"
+        out.add(f"ttft_cold_{plan.shape}_{n}_{label}", colds[1] * 1e3, "ms", None, note)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def aggregate(

@@ -17,8 +17,8 @@ import pytest
 import torch
 from engine_support import serve
 
-from codellama_lsp.model import fused
-from codellama_lsp.model.cuda_graphs import GraphedDecoder, pad_columns, width_bucket
+from codellama_lsp.model import cuda_graphs, fused
+from codellama_lsp.model.cuda_graphs import Bucket, GraphedDecoder, pad_columns, width_bucket
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.engine_events import collect
 from codellama_lsp.model.random_checkpoint import TINY_ARGS, StateDict
@@ -95,46 +95,64 @@ def test_causal_prefill_and_last_only_equal_the_masked_forward(
 
 
 def test_width_buckets_and_column_padding() -> None:
-    assert [width_bucket(w) for w in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 4, 4, 4, 16, 16, 16, None]
-    tokens, pos, slots = pad_columns((torch.tensor([[4, 5, 6]]), _ids(7), _ids(2)), 8)
+    assert [width_bucket(w) for w in (1, 2, 3, 4, 5, 9, 16)] == [1, 4, 4, 4, 16, 16, 16]
+    # Wider: eighths of the next power of two (16 at least), up to MAX_TAIL_WIDTH.
+    wide = (17, 33, 100, 129, 300, 513, 2048, 2049)
+    assert [width_bucket(w) for w in wide] == [32, 48, 112, 160, 320, 640, 2048, None]
+    assert width_bucket(17, max_width=16) is None and width_bucket(16, max_width=16) == 16
+    for width in range(17, 2049):  # never fewer columns; under 16 or a quarter more
+        bucket = width_bucket(width)
+        assert bucket is not None and 0 <= bucket - width < max(16, width / 4)
+    tokens, pos, slots, last = pad_columns(
+        (torch.tensor([[4, 5, 6]]), _ids(7), _ids(2), _ids(2)), 8
+    )
     assert tokens.tolist() == [[4, 5, 6, 6, 6, 6, 6, 6]] and pos.tolist() == [7]
-    assert slots.tolist() == [2]
+    assert slots.tolist() == [2] and last.tolist() == [2]
 
 
 @pytest.mark.parametrize("paged", [False, True])
 @torch.inference_mode()
 def test_tail_prefills_through_buckets_equal_the_plain_forward(
-    tiny_model: Transformer, paged: bool
+    tiny_model: Transformer, paged: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def new_cache():  # type: ignore[no-untyped-def]
         if not paged:
             return tiny_model.new_cache(3, SEQ)
+        # Slot 1 holds pages up to its real tokens only, as the engine reserves them: the pad
+        # columns past them write through the table's scratch entries.
         cache = tiny_model.new_paged_cache(3, SEQ, n_pages=40, page_size=16)
-        for slot in range(3):
-            assert cache.reserve(slot, 0, SEQ)
+        assert cache.reserve(1, 0, 20) and cache.reserve(2, 0, 30)
         return cache
 
     plain, fast = new_cache(), new_cache()
-    other = PROMPT.flip(0)
+    prompt, other = PROMPT.repeat(2), PROMPT.flip(0)
     for cache in (plain, fast):  # slot 1: a prefix; slot 2: another request's tokens
-        tiny_model(PROMPT[None, :20], _ids(0), cache, _ids(1), 20)
+        tiny_model(prompt[None, :20], _ids(0), cache, _ids(1), 20)
         tiny_model(other[None, :30], _ids(0), cache, _ids(2), 30)
     decoder = GraphedDecoder(tiny_model, fast, mode="padded")
     start = 20
-    for width in (1, 3, 5, 16):  # buckets 1, 4, 16, 16: pad columns write past the tail
-        tail = PROMPT[None, start : start + width]
+    # Buckets 1, 4, 32, 48, 16 and 16: the pad columns write past the tail.
+    for width in (1, 3, 17, 33, 5, 16):
+        if paged:
+            assert plain.reserve(1, start, start + width) and fast.reserve(1, start, start + width)
+        tail = prompt[None, start : start + width]
         want = tiny_model(tail, _ids(start), plain, _ids(1), start + width)[0, -1]
         got = decoder.prefill_tail(tail, start, _ids(1), start + width)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         start += width
-    assert decoder.stats["padded tail"] == 3 and decoder.stats["padded"] == 1
+    assert decoder.stats["padded tail"] == 5 and decoder.stats["padded"] == 1
     for layer in range(TINY_ARGS.n_layers):
         for a, b in zip(plain.layer(layer), fast.layer(layer), strict=True):
             if paged:  # compare through the page tables: the pools are laid out alike
-                a, b = a[plain.table()[:3, :3]], b[fast.table()[:3, :3]]
+                a, b = a[plain.table()[:3, :6]], b[fast.table()[:3, :6]]
                 a, b = a.flatten(1, 2), b.flatten(1, 2)
             torch.testing.assert_close(a[1, :start], b[1, :start])
-            assert torch.equal(a[2], b[2]), "another slot was written"
+            assert torch.equal(a[2, :30], b[2, :30]), "another slot was written"
+    # Wide tails from position 0 (cold prompts) and past WIDE_TAIL_MAX_KV keys run eagerly.
+    assert decoder.tail_bucket(17, 0, 32) is None and decoder.tail_bucket(16, 0, 32) is not None
+    assert decoder.tail_bucket(17, 1, 32) == Bucket(1, SEQ, 32)  # keys: at most max_seq_len
+    monkeypatch.setattr(cuda_graphs, "WIDE_TAIL_MAX_KV", SEQ - 1)
+    assert decoder.tail_bucket(17, 1, 32) is None and decoder.tail_bucket(16, 1, 32) is not None
     # Too close to max_seq_len for the pad columns: the plain forward runs instead.
     assert decoder.bucket_for(1, SEQ, 3) is not None
     before = decoder.stats["eager"]
@@ -150,8 +168,9 @@ class _PaddedEngine(Engine):
         self.decoder = GraphedDecoder(model, self.cache, mode="padded")
 
 
+@pytest.mark.parametrize("prefill_chunk", [16, 64])  # 64: tails wider than 16 in one piece
 def test_engine_fast_paths_generate_what_the_plain_engine_does(
-    own_model: Transformer, tiny_model: Transformer
+    own_model: Transformer, tiny_model: Transformer, prefill_chunk: int
 ) -> None:
     doc = tuple(PROMPT.tolist())
     # A document typed on: each prompt extends the last by a few tokens (tails through the
@@ -161,9 +180,10 @@ def test_engine_fast_paths_generate_what_the_plain_engine_does(
     requests = [EngineRequest(f"r{i}", p, params[i % 2]) for i, p in enumerate(prompts)]
     echo = SamplingParams(4, logprobs=True, echo=True)
     requests.append(EngineRequest("echo", doc[:25], echo))
-    kwargs = {"max_batch_size": 2, "max_seq_len": SEQ, "device": "cpu", "prefill_chunk": 16}
-    plain = collect(serve(Engine(tiny_model, **kwargs), requests))  # type: ignore[arg-type]
-    fast_engine = _PaddedEngine(own_model, fast_kernels=True, **kwargs)
+    kwargs = {"max_batch_size": 2, "max_seq_len": SEQ, "device": "cpu"}
+    plain_engine = Engine(tiny_model, prefill_chunk=16, **kwargs)  # type: ignore[arg-type]
+    plain = collect(serve(plain_engine, requests))
+    fast_engine = _PaddedEngine(own_model, fast_kernels=True, prefill_chunk=prefill_chunk, **kwargs)
     fast = collect(serve(fast_engine, requests))
     assert own_model.blocks()[0].attention.wqkv is not None  # the warm-up fused them
     assert {k: v.tokens for k, v in fast.items()} == {k: v.tokens for k, v in plain.items()}

@@ -29,6 +29,7 @@ from codellama_lsp.model import (
     rope_kernel,
     triton_support,
 )
+from codellama_lsp.model.cuda_graphs import GraphedDecoder
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.engine_events import collect
 from codellama_lsp.model.random_checkpoint import (
@@ -366,23 +367,33 @@ def test_model_decode_through_the_kernels_equals_the_plain_forward(
 
 
 @cpu_only
+@pytest.mark.parametrize("padded", [False, True])
 def test_engine_with_the_kernels_generates_what_the_plain_engine_does(
-    kernel_model: Transformer, tiny_model: Transformer
+    kernel_model: Transformer, tiny_model: Transformer, padded: bool
 ) -> None:
-    """The paged cache read in place: shared prefix pages, batched and single-row steps."""
+    """The paged cache read in place: shared prefix pages, batched and single-row steps.
+    `padded`: steps and prompt tails (up to 64 tokens) through the graphs' buckets, whose pad
+    columns the cache-write kernel writes past the slot's pages."""
     doc = tuple(PROMPT.tolist())
     prompts = [doc[:20], doc[:23], doc[:40]]
     params = SamplingParams(5, logprobs=True)
     requests = [EngineRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
     kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
     plain = collect(serve(Engine(tiny_model, fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
+    kwargs["prefill_chunk"] = 64 if padded else 16
     engine = Engine(kernel_model, fast_kernels=True, **kwargs)  # type: ignore[arg-type]
     assert engine.model.ops.decode_attention is not None
+    if padded:
+        engine.decoder = GraphedDecoder(kernel_model, engine.cache, mode="padded")
     fast = collect(serve(engine, requests))
     assert {k: v.tokens for k, v in fast.items()} == {k: v.tokens for k, v in plain.items()}
     for rid, generation in fast.items():
         torch.testing.assert_close(generation.logprobs, plain[rid].logprobs, rtol=1e-5, atol=1e-5)
     assert sum(v.cached_tokens for v in fast.values()) > 0  # shared pages were read
+    # Padded: r1's 3 new tokens and r2's 17 (a wide tail) after their reused prefixes; r0 is
+    # cold, which runs eagerly.
+    assert [fast[f"r{i}"].cached_tokens for i in range(3)] == [0, 20, 23]
+    assert engine.decoder.stats["padded tail"] == (2 if padded else 0)
 
 
 def _mp2_rank(rank: int, store: str, out_dir: str, requests: list[EngineRequest]) -> None:

@@ -15,11 +15,14 @@ token, in row 0's own slot: nothing reads that position before row 0's next step
 never extends past its fed tokens. That needs `kv_len < max_seq_len`; otherwise the step runs
 eagerly.
 
-Short prompt tails (a keystroke's few new tokens after a reused prefix) go through graphs too:
-one row, its tokens padded up to a width bucket (4 or 16) with copies of the last one. The
+Prompt tails (what a request adds to a reused prefix) go through graphs too: one row, its
+tokens padded up to a width bucket with copies of the last one, the logits of the last real
+column only. A keystroke adds 1-4 tokens at the end of an SPM prompt; in the PSM layout it also
+re-reads everything after the cursor (a quarter of the window: ~500 tokens at a 2,000-token
+budget), and a 500-token forward launches ~450 kernels whose host time exceeds the GPU's. The
 pad columns write the positions just past the row's real tokens, in its own slot, where nothing
-is read before the next step overwrites them (the same argument as pad rows), so they need
-`start + width <= max_seq_len`.
+is read before the next step overwrites them (the same argument as pad rows; past the slot's
+pages the table points at the scratch page), so they need `start + width <= max_seq_len`.
 
 Exactness: a real row computes the same function as the eager forward (masked extra keys add
 exact zeros). Kernels chosen for a padded shape may round differently in the last bit, so greedy
@@ -46,16 +49,23 @@ from codellama_lsp.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 Mode = Literal["eager", "padded", "graphs"]
-Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # tokens [B, W], start_pos [B], slots [B]
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# tokens [B, W], start_pos [B], slots [B]; a tail adds its last real column [1].
+Inputs = tuple[torch.Tensor, ...]
+Step = Callable[[Inputs, int], torch.Tensor]  # (inputs, kv_len) -> logits
 
 # Keys are bucketed in multiples of this up to 16x it, then in sixteenths of the next power of
 # two: at most 12.5% more keys than needed past 4096, and 8 graphs per doubling of the context.
 DEFAULT_KV_STEP = 256
-# Widths of one-row tail prefills that replay graphs; longer tails run eagerly. A keystroke adds
-# 1-4 tokens, a paste or a completion's acceptance more; at batch 1 a step reads the weights
-# whatever its width, so two buckets cost little and halve the graphs recorded at start.
+# Widths of one-row tail prefills recorded at start: a keystroke adds 1-4 tokens, a paste or a
+# completion's acceptance more; at batch 1 a step reads the weights whatever its width, so two
+# buckets cost little. Wider tails, up to MAX_TAIL_WIDTH, are recorded on first use, on a grid
+# of eighths of the next power of two: fewer than 16, or a quarter, pad columns.
 TAIL_WIDTHS = (4, 16)
+MAX_TAIL_WIDTH = 2048
+# Wide tails replay graphs up to this many keys only: editor-sized prompts, where host time is
+# what graphs save; past that the GPU's work dominates, and every (width, keys) pair would be
+# one more graph held for the process's life.
+WIDE_TAIL_MAX_KV = 8192
 
 
 @dataclass(frozen=True)
@@ -87,21 +97,28 @@ def kv_buckets(max_seq_len: int, step: int = DEFAULT_KV_STEP) -> tuple[int, ...]
     return tuple(out)
 
 
-def width_bucket(width: int) -> int | None:
-    """The tail width bucket holding `width` tokens (1 for a decode step), or None if too wide."""
+def width_bucket(width: int, max_width: int = MAX_TAIL_WIDTH) -> int | None:
+    """The tail width bucket holding `width` tokens (1 for a decode step), or None if wider than
+    `max_width`."""
     if width == 1:
         return 1
-    return next((w for w in TAIL_WIDTHS if w >= width), None)
+    if width > max_width:
+        return None
+    short = next((w for w in TAIL_WIDTHS if w >= width), None)
+    if short is not None:
+        return short
+    grain = max(TAIL_WIDTHS[-1], (1 << (width - 1).bit_length()) // 8)
+    return -(-width // grain) * grain
 
 
 # -- padding (tensors, no host sync) -------------------------------------------------------------
 def pad_columns(inputs: Inputs, width: int) -> Inputs:
     """Repeat the last token up to `width` columns (positions past the row's: see above)."""
-    tokens, start_pos, slots = inputs
+    tokens, *rest = inputs
     extra = width - tokens.shape[1]
     if extra <= 0:
         return inputs
-    return torch.cat([tokens, tokens[:, -1:].expand(-1, extra)], dim=1), start_pos, slots
+    return torch.cat([tokens, tokens[:, -1:].expand(-1, extra)], dim=1), *rest
 
 
 def pad_rows(inputs: Inputs, batch: int, pad_slot: int | None) -> Inputs:
@@ -128,7 +145,7 @@ class _Graph:
     def __init__(self, step: Step, inputs: Inputs, kv_len: int, pool: Any) -> None:
         # Warm up and capture with the caller's real inputs: the warm-up then writes exactly what
         # this step writes anyway, so capturing in the middle of serving corrupts nothing.
-        self.inputs: Inputs = (inputs[0].clone(), inputs[1].clone(), inputs[2].clone())
+        self.inputs: Inputs = tuple(tensor.clone() for tensor in inputs)
         _warm_up(step, self.inputs, kv_len)
         self.graph = torch.cuda.CUDAGraph()
         # As `torch.cuda.graph`, without its `empty_cache()` per capture: the engine records
@@ -137,7 +154,7 @@ class _Graph:
         with torch.cuda.stream(_capture_stream()):
             self.graph.capture_begin(pool, capture_error_mode="thread_local")
             try:
-                self.output = step(*self.inputs, kv_len)
+                self.output = step(self.inputs, kv_len)
             finally:
                 self.graph.capture_end()
 
@@ -164,17 +181,18 @@ def _warm_up(step: Step, inputs: Inputs, kv_len: int) -> None:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        step(inputs[0], inputs[1], inputs[2], kv_len)
+        step(inputs, kv_len)
     torch.cuda.current_stream().wait_stream(stream)
 
 
 def make_step(model: Transformer, cache: AttentionCache, compile_mode: str | None = None) -> Step:
-    """The step (logits `[B, W, V]`) as a function of the inputs; optionally torch.compile'd."""
+    """The step as a function of the inputs: logits `[B, W, V]`, or `[1, 1, V]` of a tail's
+    last real column; optionally torch.compile'd."""
 
-    def step(
-        tokens: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor, kv_len: int
-    ) -> torch.Tensor:
-        logits: torch.Tensor = model(tokens, start_pos, cache, slots, kv_len)
+    def step(inputs: Inputs, kv_len: int) -> torch.Tensor:
+        tokens, start_pos, slots, *last = inputs
+        columns = last[0] if last else None
+        logits: torch.Tensor = model(tokens, start_pos, cache, slots, kv_len, columns=columns)
         return logits
 
     if compile_mode is None:
@@ -205,7 +223,9 @@ class GraphedDecoder:
         compile_mode: str | None = None,
         allow_collectives: bool = False,
     ) -> None:
-        self.cache, self.pad_slot, self.kv_step = cache, pad_slot, kv_step
+        self.model, self.cache, self.pad_slot, self.kv_step = model, cache, pad_slot, kv_step
+        # Tails wider than this run eagerly (the benchmarks turn wide tails off to compare).
+        self.max_tail_width = MAX_TAIL_WIDTH
         self.allow_collectives = allow_collectives
         self.mode = _resolve_mode(mode, cache.device, compile_mode, allow_collectives)
         self.buckets = batch_buckets(cache.max_batch_size)
@@ -220,7 +240,15 @@ class GraphedDecoder:
         self, tokens: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
         """Next-token logits `[B, V]` (float32) of `tokens [B, 1]`, as `model(...)[:, -1]`."""
-        return self._forward((tokens, start_pos, slots), kv_len)[:, -1]
+        n = tokens.shape[0]
+        bucket = self.bucket_for(n, kv_len)
+        if self.mode == "eager" or bucket is None:
+            self.stats["eager"] += 1
+            step = self._step if self.mode == "eager" else self._eager_step
+            return step((tokens, start_pos, slots), kv_len)[:, -1]
+        self.stats[self.mode] += 1
+        padded = pad_rows((tokens, start_pos, slots), bucket.batch, self.pad_slot)
+        return self._run(bucket, padded)[:n, -1]
 
     @torch.inference_mode()
     def prefill_tail(
@@ -228,33 +256,46 @@ class GraphedDecoder:
     ) -> torch.Tensor:
         """Logits `[V]` of the last of `tokens [1, T]` written from position `start` of `slot`
         (`[1]`): as `model(...)[0, -1]`. `kv_len` is at least `start + T`."""
+        width = tokens.shape[1]
         start_pos = torch.full((1,), start, dtype=torch.long, device=tokens.device)
-        width, bucket = tokens.shape[1], None
-        tail = width_bucket(width)
-        if tail is not None and start + tail <= self.cache.max_seq_len:
-            bucket = self.bucket_for(1, kv_len, width)
-        return self._forward((tokens, start_pos, slot), kv_len, bucket)[0, width - 1]
-
-    def _forward(self, inputs: Inputs, kv_len: int, bucket: Bucket | None = None) -> torch.Tensor:
-        """Logits `[B, T, V]` of `inputs`, through the bucket's graph where there is one."""
-        tokens = inputs[0]
-        n, width = tokens.shape
-        if bucket is None and width == 1:
-            bucket = self.bucket_for(n, kv_len, width)
+        if width == 1:  # a decode step's shape: its graphs
+            return self.decode(tokens, start_pos, slot, kv_len)[0]
+        bucket = self.tail_bucket(width, start, kv_len)
         if self.mode == "eager" or bucket is None:
             self.stats["eager"] += 1
-            step = self._step if self.mode == "eager" else self._eager_step
-            return step(*inputs, kv_len)
-        padded = pad_columns(pad_rows(inputs, bucket.batch, self.pad_slot), bucket.width)
-        self.stats[self.mode if width == 1 else f"{self.mode} tail"] += 1
+            # The exact key length and the common start: attention runs a causal kernel.
+            end, cache = start + width, self.cache
+            logits = self.model(tokens, start_pos, cache, slot, end, start=start, last_only=True)
+            return logits[0, -1]
+        self.stats[f"{self.mode} tail"] += 1
+        last = torch.full((1,), width - 1, dtype=torch.long, device=tokens.device)
+        padded = pad_columns((tokens, start_pos, slot, last), bucket.width)
+        return self._run(bucket, padded)[0, -1]
+
+    def _run(self, bucket: Bucket, padded: Inputs) -> torch.Tensor:
+        """The bucket's step on padded inputs: its graph's replay, or the step itself."""
         if self.mode == "padded":
-            return self._step(*padded, bucket.kv_len)[:n, :width]
-        return self._graph(bucket, padded).run(padded)[:n, :width].clone()
+            return self._step(padded, bucket.kv_len)
+        return self._graph(bucket, padded).run(padded).clone()
+
+    def tail_bucket(self, width: int, start: int, kv_len: int) -> Bucket | None:
+        """The bucket of a one-row tail prefill, or None when it must run eagerly."""
+        tail = width_bucket(width, self.max_tail_width)
+        if tail is None or start + tail > self.cache.max_seq_len:
+            return None  # the pad columns would write past the slot's last position
+        if tail > TAIL_WIDTHS[-1] and start == 0:
+            # A cold prompt: the eager causal kernel over its own keys beat the graph's masked
+            # attention over keys read back (2,000 tokens of 7B: 46 against 50 ms, run 20).
+            return None
+        bucket = self.bucket_for(1, kv_len, width)
+        if bucket is not None and tail > TAIL_WIDTHS[-1] and bucket.kv_len > WIDE_TAIL_MAX_KV:
+            return None
+        return bucket
 
     def bucket_for(self, rows: int, kv_len: int, width: int = 1) -> Bucket | None:
         """The bucket of a step, or None when it must run eagerly."""
         batch = next((b for b in self.buckets if b >= rows), None)
-        tail = width_bucket(width)
+        tail = width_bucket(width, self.max_tail_width)
         if tail is None or batch is None or kv_len > self.cache.max_seq_len:
             return None
         if tail > 1 and rows != 1:
@@ -299,7 +340,8 @@ class GraphedDecoder:
     def _dummy_inputs(self, batch: int, width: int = 1) -> Inputs:
         device, slot = self.cache.device, self.pad_slot or 0
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
-        return zeros[:, None].expand(-1, width).clone(), zeros.clone(), zeros + slot
+        inputs = (zeros[:, None].expand(-1, width).clone(), zeros.clone(), zeros + slot)
+        return inputs if width == 1 else (*inputs, torch.full_like(zeros, width - 1))
 
 
 def _resolve_mode(

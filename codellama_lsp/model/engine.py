@@ -45,7 +45,7 @@ import torch
 
 from codellama_lsp.errors import ConfigError, WorkerError
 from codellama_lsp.model import parallel, sampling
-from codellama_lsp.model.cuda_graphs import TAIL_WIDTHS, GraphedDecoder
+from codellama_lsp.model.cuda_graphs import MAX_TAIL_WIDTH, TAIL_WIDTHS, GraphedDecoder
 from codellama_lsp.model.engine_events import EngineFailure, FailureKind, failure
 from codellama_lsp.model.engine_memory import DEFAULT_KV_CACHE_FRACTION, pool_size
 from codellama_lsp.model.engine_slots import Placement, Slot, SlotTable
@@ -65,8 +65,6 @@ KV_LEN_BUCKET = 256
 # Graphs of one row (decode and tails) are recorded at start for contexts up to this length;
 # longer ones, and batched steps past the first key bucket, on first use.
 DEFAULT_CAPTURE_KV_LEN = 4096
-# Prompt tails up to this many tokens are prefilled like a decode step (graphs on CUDA).
-MAX_GRAPHED_TAIL = TAIL_WIDTHS[-1]
 
 
 @dataclass
@@ -262,9 +260,12 @@ class Engine:
     def _grow(self, rows: list[_Running], events: list[Event]) -> list[_Running]:
         """Give each row a writable page for its next position, oldest first; a row the pool
         cannot serve finishes with reason "length" (see the module docstring)."""
-        growing = []
+        growing, tables = [], self.cache.tables
         for run in rows:
             slot, pos = run.slot.index, run.position
+            if tables.writable(slot, pos):  # 15 steps in 16: inside a page the row owns
+                growing.append(run)
+                continue
             room = self._room(self.cache.tables.needed(slot, pos, pos + 1), keep={slot})
             if room and self.cache.reserve(slot, pos, pos + 1):
                 growing.append(run)
@@ -421,8 +422,9 @@ class Engine:
         start = run.position
         slots = self._tensor([run.slot.index])
         tail = prompt[start:]
-        if not want_prompt_logprobs and len(tail) <= MAX_GRAPHED_TAIL:
-            # A keystroke's few new tokens after a reused prefix: one graph replay.
+        if not want_prompt_logprobs and len(tail) <= self._max_tail():
+            # A keystroke's new tokens after a reused prefix (and, in the PSM layout, the
+            # text after the cursor): one graph replay where the decoder has a bucket.
             tokens, kv_len = self._tensor([list(tail)]), self._kv_len(len(prompt))
             logits = self.decoder.prefill_tail(tokens, start, slots, kv_len)
             run.slot.tokens.extend(tail)
@@ -537,6 +539,11 @@ class Engine:
     def _release(self, run: _Running) -> None:
         del self._running[run.request_id]
         self.slots.release(run.slot.index)
+
+    def _max_tail(self) -> int:
+        """Prompt tails up to this long go to the decoder in one piece: the short ones always
+        (graphs of a few columns), wider ones within one prefill chunk."""
+        return max(TAIL_WIDTHS[-1], min(self.prefill_chunk, MAX_TAIL_WIDTH))
 
     def _kv_len(self, needed: int) -> int:
         return min(self.max_seq_len, -(-needed // KV_LEN_BUCKET) * KV_LEN_BUCKET)

@@ -386,6 +386,7 @@ class Transformer(nn.Module):
         *,
         start: int | None = None,
         last_only: bool = False,
+        columns: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits `[B, T, V]` (float32) of `tokens [B, T]` at positions `start_pos[b] + t`.
 
@@ -394,7 +395,8 @@ class Transformer(nn.Module):
         `start`: every row's start position, when the caller knows it (a prefill); with `kv_len`
         equal to `start + T` attention runs a causal kernel instead of a mask. `last_only`: the
         logits of the last position only (`[B, 1, V]`), all a prefill without prompt logprobs
-        needs.
+        needs. `columns` (`[C]`, on the device): the logits of these positions of every row only
+        (`[B, C, V]`): a padded tail's last real position, chosen without a host sync.
         """
         t = tokens.shape[1]
         if kv_len is None:
@@ -415,6 +417,8 @@ class Transformer(nn.Module):
             h, pending = layer(h, pending, ctx)
         if last_only:
             h, pending = h[:, -1:], pending[:, -1:]
+        elif columns is not None:
+            h, pending = h.index_select(1, columns), pending.index_select(1, columns)
         _, x = self.ops.add_rms_norm(h, pending, self.norm.weight, self.norm.eps)
         return self.output(x, self.ops.linear).float()  # type: ignore[no-any-return]
 
