@@ -21,6 +21,8 @@ from codellama_lsp.model import cuda_graphs, fused
 from codellama_lsp.model.cuda_graphs import Bucket, GraphedDecoder, pad_columns, width_bucket
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.engine_events import collect
+from codellama_lsp.model.kv_pages import SCRATCH_PAGE
+from codellama_lsp.model.paged_cache import PagedKVCache
 from codellama_lsp.model.random_checkpoint import TINY_ARGS, StateDict
 from codellama_lsp.model.transformer import Transformer, build_transformer
 from codellama_lsp.model.types import EngineRequest, SamplingParams
@@ -158,6 +160,40 @@ def test_tail_prefills_through_buckets_equal_the_plain_forward(
     before = decoder.stats["eager"]
     decoder.prefill_tail(PROMPT[None, :3], SEQ - 3, _ids(1), SEQ)
     assert decoder.stats["eager"] == before + 1
+
+
+@torch.inference_mode()
+def test_a_wide_tail_runs_eagerly_until_idle_time_records_it_over_the_scratch_slot(
+    tiny_model: Transformer,
+) -> None:
+    def new_cache() -> PagedKVCache:
+        cache = tiny_model.new_paged_cache(3, SEQ, n_pages=40, page_size=16)
+        for slot, n in ((0, 25), (1, 20), (2, 30)):  # every slot holds a prefix of value
+            assert cache.reserve(slot, 0, n)
+            tiny_model(PROMPT[None, :n].roll(slot), _ids(0), cache, _ids(slot), n)
+        return cache
+
+    plain, fast = new_cache(), new_cache()
+    decoder = GraphedDecoder(tiny_model, fast, mode="padded", defer_wide_tails=True)
+    start = 20
+    for width, path in ((17, "eager"), (18, "padded tail")):  # one bucket: 32 columns
+        assert plain.reserve(1, start, start + width) and fast.reserve(1, start, start + width)
+        tail = PROMPT[None, start : start + width]
+        want = tiny_model(tail, _ids(start), plain, _ids(1), start + width)[0, -1]
+        before = decoder.stats[path]
+        got = decoder.prefill_tail(tail, start, _ids(1), start + width)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert decoder.stats[path] == before + 1
+        start += width
+        if path == "eager":  # the first use waited for idle time, which records it
+            assert decoder.deferred == {Bucket(1, SEQ, 32)}
+            pools = [t.clone() for layer in range(TINY_ARGS.n_layers) for t in fast.layer(layer)]
+            assert decoder.record_deferred() == 1 and not decoder.deferred
+            after = [t for layer in range(TINY_ARGS.n_layers) for t in fast.layer(layer)]
+            for old, new in zip(pools, after, strict=True):  # only the scratch page changed
+                assert not torch.equal(old[SCRATCH_PAGE], new[SCRATCH_PAGE])
+                assert torch.equal(old[SCRATCH_PAGE + 1 :], new[SCRATCH_PAGE + 1 :])
+    assert decoder.record_deferred() == 0
 
 
 class _PaddedEngine(Engine):

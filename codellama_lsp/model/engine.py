@@ -150,7 +150,7 @@ class Engine:
         self.cache = model.new_paged_cache(max_batch_size, max_seq_len, n_pages, page_size)
         # Decode steps replay CUDA graphs on one GPU (the same forward, bucketed shapes); on CPU
         # and across ranks the decoder runs the plain forward.
-        self.decoder = GraphedDecoder(model, self.cache, allow_collectives=graphs_across_ranks)
+        self.decoder = self._new_decoder(graphs_across_ranks)
         on_cuda = self.device.type == "cuda"
         if on_cuda if fast_kernels is None else fast_kernels:
             self._speed_up(min(capture_kv_len, max_seq_len), compile_ops=on_cuda)
@@ -165,6 +165,12 @@ class Engine:
         self._cancels: set[str] = set()
         self._samples = parallel.model_parallel_rank() == 0
 
+    def _new_decoder(self, graphs_across_ranks: bool) -> GraphedDecoder:
+        # Wide prompt tails' graphs are recorded when the engine is idle (`record_idle`).
+        return GraphedDecoder(
+            self.model, self.cache, allow_collectives=graphs_across_ranks, defer_wide_tails=True
+        )
+
     def _speed_up(self, capture_kv_len: int, compile_ops: bool) -> None:
         """Fuse the projections, make the fast kernels (Triton's, or torch.compile's where
         Triton is missing: `Transformer.use_compiled_ops`) and record the common graphs now, so
@@ -178,9 +184,7 @@ class Engine:
         except Exception as exc:  # inductor and Triton raise many kinds
             log.warning("compiled kernels unavailable, using eager ones: %s", exc)
             self.model.use_compiled_ops(False, triton_kernels=False)
-            self.decoder = GraphedDecoder(
-                self.model, self.cache, allow_collectives=self.decoder.allow_collectives
-            )
+            self.decoder = self._new_decoder(self.decoder.allow_collectives)
             self._warm_up(capture_kv_len)
         log.info("engine warm-up: %.1f s, %s", time.monotonic() - started, self.decoder.stats)
 
@@ -204,6 +208,18 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Finish the request with reason 'cancelled' at the next step (unknown ids: ignored)."""
         self._cancels.add(request_id)
+
+    def record_idle(self) -> bool:
+        """Between requests: record one graph that a request ran without (a wide prompt tail's
+        first use), so that the next such tail replays it. Whether one was recorded. Every rank
+        must call it at the same point (graphs across ranks record collectives)."""
+        if self.has_work():
+            return False
+        try:
+            return self.decoder.record_deferred(limit=1) > 0
+        except Exception as exc:  # that tail keeps running eagerly; serving goes on
+            log.warning("recording a prompt tail's graph failed: %s", exc)
+            return False
 
     def has_work(self) -> bool:
         return bool(self._queue or self._running or self._cancels)

@@ -43,7 +43,11 @@ class PagedKVCache(LayerBuffers):
         max_pages = -(-max_seq_len // page_size) + 1
         self.pool = PagePool(n_pages)
         self.tables = PageTables(self.pool, max_batch_size, page_size, max_pages - 1)
-        table = torch.full((max_batch_size, max_pages), SCRATCH_PAGE, dtype=torch.long)
+        # One table row more than the slots: a row no request ever holds, every entry on the
+        # scratch page. A forward given this slot writes and reads only scratch, so graphs can
+        # be recorded with it while the real slots hold cached prefixes.
+        self.scratch_slot = max_batch_size
+        table = torch.full((max_batch_size + 1, max_pages), SCRATCH_PAGE, dtype=torch.long)
         self.register_buffer("page_table", table.to(device), False)
 
     @property
@@ -51,7 +55,8 @@ class PagedKVCache(LayerBuffers):
         return self.table().device
 
     def table(self) -> torch.Tensor:
-        """The page table `[max_batch_size, pages per slot]`: one tensor, updated in place."""
+        """The page table `[max_batch_size + 1, pages per slot]` (the last row: `scratch_slot`):
+        one tensor, updated in place."""
         return cast(torch.Tensor, self.page_table)
 
     @property

@@ -212,6 +212,7 @@ def serve(conn: Connection, engine: Engine, rank: int, settings: WorkerSettings)
     idle_wait = settings.heartbeat_interval_s / 2
     last_beat = 0.0
     while True:
+        engine.record_idle()  # every rank at the same point: graphs may hold collectives
         work = _read_parent(conn, 0.0 if engine.has_work() else idle_wait) if rank == 0 else None
         work = parallel.broadcast_object(work, src=0)
         if work is None or work.shutdown:
