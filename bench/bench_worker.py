@@ -29,7 +29,9 @@ def parse() -> argparse.Namespace:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--ckpt-dir", type=Path, required=True)
     parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--graphs-across-ranks", action="store_true", help="(experimental)")
+    parser.add_argument(
+        "--eager-across-ranks", action="store_true", help="graphs_across_ranks off (nproc > 1)"
+    )
     parser.add_argument("--plain-kernels", action="store_true", help="fast_kernels off")
     parser.add_argument("--label", default="", help="appended to every figure's name")
     parser.add_argument("--dump-tokens", type=Path, default=None, help="greedy ids per request")
@@ -121,7 +123,7 @@ async def main_async(run: argparse.Namespace, out: Results) -> None:
         nproc=run.nproc,
         device=run.device,
         fast_kernels=not run.plain_kernels,
-        graphs_across_ranks=run.graphs_across_ranks,
+        graphs_across_ranks=not run.eager_across_ranks,
         max_seq_len=max(run.prompt + run.gen, run.reuse_prompt + 64) + 64,
         max_batch_size=max(int(x) for x in run.batches.split(",")),
     )

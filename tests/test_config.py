@@ -165,6 +165,6 @@ def test_schema_lists_every_setting_with_type_and_default() -> None:
         "default": True,
         "description": ("CUDA: fused projections, Triton kernels and graphs recorded at start"),
     }
-    assert schema["model.graphsAcrossRanks"]["default"] is False
+    assert schema["model.graphsAcrossRanks"]["default"] is True
     assert len(schema) == 42
     assert schema["model.hangTimeoutS"]["type"] == "number"

@@ -206,8 +206,9 @@ class GraphedDecoder:
     """Decode steps `[B, 1]` through per-bucket CUDA graphs, or eagerly where graphs cannot run.
 
     `mode`: "graphs" (CUDA only), "padded" (the bucketing and padding without graphs: what the CPU
-    tests check), "eager" (the plain forward). Default: graphs on CUDA in a world of one rank
-    (`allow_collectives` captures fairscale's NCCL all-reduces too: untested), else eager.
+    tests check), "eager" (the plain forward). Default: graphs on CUDA in a world of one rank,
+    or of several with `allow_collectives` (the graphs hold the NCCL all-reduces: 13B over two
+    GPUs gave the eager steps' greedy tokens, BENCHMARKS.md run 24), else eager.
     `compile_mode` runs the step through torch.compile (one compilation per bucket); it turns
     "eager" into "padded", and so does "reduce-overhead", whose inductor records its own graphs.
     """

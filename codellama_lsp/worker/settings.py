@@ -26,7 +26,7 @@ class WorkerSettings:
     # False: the plain kernels (a fallback, and the comparison the benchmarks make).
     fast_kernels: bool = True
     # nproc > 1 on CUDA: record the decode graphs with their NCCL all-reduces (experimental).
-    graphs_across_ranks: bool = False
+    graphs_across_ranks: bool = True
     init_timeout_s: float = 120.0  # torch.distributed rendezvous and collectives
     load_timeout_s: float = 900.0  # spawn to Ready of every rank
     request_timeout_s: float = 120.0  # a request with no event this long fails (queued too)
