@@ -153,8 +153,9 @@ def _reference_attention(
         (4, 1, 96, 96, torch.float32),  # the static cache: one page per slot
     ],
 )
+@pytest.mark.parametrize("streaming", [False, True])  # launch_for's two shapes
 def test_decode_attention_writes_the_new_keys_and_attends_as_softmax(
-    heads: int, kv_heads: int, page_size: int, kv_len: int, dtype: torch.dtype
+    heads: int, kv_heads: int, page_size: int, kv_len: int, dtype: torch.dtype, streaming: bool
 ) -> None:
     g = torch.Generator().manual_seed(kv_len)
     rows, d = 3, 32
@@ -174,7 +175,8 @@ def test_decode_attention_writes_the_new_keys_and_attends_as_softmax(
     at = page_rows[torch.arange(rows), start_pos // page_size], start_pos % page_size
     want_keys[at], want_values[at] = k[:, 0], v[:, 0]
     on = [t.to(DEVICE) for t in (q, k, v, keys, values, page_rows, start_pos)]
-    got = decode_attention.attend(*on[:6], page_size, on[6], kv_len)
+    launch = decode_attention.launch_for(16, 100_000 if streaming else 1)
+    got = decode_attention.attend(*on[:6], page_size, on[6], kv_len, launch=launch)
     want = _reference_attention(q, want_keys, want_values, page_rows, page_size, start_pos)
     assert got.shape == q.shape and got.dtype == dtype
     assert _rel_err(got, want) < (1e-6 if dtype == torch.float32 else 8e-3)
@@ -205,6 +207,12 @@ def test_kv_write_stores_each_token_in_its_page(
     on = [x.to(DEVICE) for x in (k, v, keys, values)]
     kv_write.write(*on, page_rows.to(DEVICE), page_size, start_pos.to(DEVICE))
     assert torch.equal(on[2].cpu(), want_keys) and torch.equal(on[3].cpu(), want_values)
+
+
+def test_attention_launch_by_the_positions_a_step_reads() -> None:
+    narrow = decode_attention.launch_for(16, 528)
+    assert decode_attention.launch_for(1, 528).block_t == 32 and narrow.block_t == 16
+    assert narrow.stages is None and decode_attention.launch_for(1, 16384).stages == 3
 
 
 def test_spans_cover_every_position_in_block_multiples() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,10 +31,31 @@ from codellama_lsp.model.triton_support import cdiv, next_pow2, page_strides, tr
 
 BLOCK_T = 32  # positions per loop iteration
 MIN_SPAN = 64  # positions per program at least
-# 16 per SM of an H100/H200: enough loads in flight to stream the keys. The best of
-# `bench/gemv_bench.py --attention` at batch 16 (54% of the copy rate against 49% with 8 per SM,
-# BENCHMARKS.md run 16); batch 1 is bound by latency either way.
+# 16 per SM of an H100/H200: enough loads in flight to stream the keys (`bench/gemv_bench.py
+# --attention`, BENCHMARKS.md run 16: 54% of the copy rate at batch 16 against 49% with 8).
 TARGET_PROGRAMS = 2112
+
+
+@dataclass(frozen=True)
+class AttentionLaunch:
+    block_t: int  # positions per loop iteration
+    warps: int
+    target: int  # programs to aim for
+    stages: int | None  # the loop's software pipelining (None: Triton's default)
+
+
+def launch_for(rows: int, kv_len: int) -> AttentionLaunch:
+    """The launch shape by how many positions a step reads, from the sweep of BENCHMARKS.md run
+    25 (H100, pages of 16 shuffled as a server's are; % of the copy rate for the K/V bytes).
+
+    Short batch-1 steps are bound by latency: few wide programs (32 positions, 4 warps) did best
+    (22% at 528 positions; the narrow shape below, 16%). Larger reads stream: twice the
+    programs, each half as wide (16 positions, 2 warps): 58% against 53% at batch 16 x 528, 61
+    against 55% at 16k positions; with the loop pipelined 3 deep 73 against 60% at 100k.
+    """
+    if rows * kv_len < 4096:
+        return AttentionLaunch(BLOCK_T, 4, TARGET_PROGRAMS, None)
+    return AttentionLaunch(16, 2, 2 * TARGET_PROGRAMS, 3 if kv_len >= 16384 else None)
 
 
 def span_for(
@@ -55,9 +77,7 @@ def attend(
     start_pos: torch.Tensor,
     kv_len: int,
     *,
-    block_t: int = BLOCK_T,
-    warps: int = 4,
-    target: int = TARGET_PROGRAMS,
+    launch: AttentionLaunch | None = None,
 ) -> torch.Tensor:
     """Write each row's new key and value into the cache and attend its one query over keys
     0..start_pos[b]: `q [B, 1, H, D]`, `k`, `v` `[B, 1, H_kv, D]` at position `start_pos[b]`.
@@ -65,7 +85,7 @@ def attend(
     `keys`, `values`: `[n_pages, page_size, H_kv, D]`; `page_rows [B, n]`: the pages of each
     row's positions (position p in page `page_rows[b, p // page_size]`). `kv_len` bounds every
     row's positions (at least `max(start_pos) + 1`). Returns `[B, 1, H, D]` in q's dtype.
-    `block_t`, `warps`, `target`: the launch shape (`bench/gemv_bench.py --attention` times
+    `launch`: the launch shape, else `launch_for`'s (`bench/gemv_bench.py --attention` times
     them).
     """
     b, t, h, d = q.shape
@@ -74,7 +94,9 @@ def attend(
         raise ValueError(f"decode attention needs one query per row, got {tuple(q.shape)}")
     if keys.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         raise ValueError("decode attention needs contiguous head dimensions")
-    span = span_for(b, h, kv_len, target, block_t)
+    shape = launch or launch_for(b, kv_len)
+    block_t, warps = shape.block_t, shape.warps
+    span = span_for(b, h, kv_len, shape.target, block_t)
     spans = cdiv(kv_len, span)
     qv = q.reshape(b, h, d)
     partial = torch.empty(b, h, spans, d, dtype=torch.float32, device=q.device)
@@ -105,6 +127,7 @@ def attend(
         1.0 / math.sqrt(d),
         D=d,
         BLOCK_T=block_t,
+        STAGES=shape.stages,
         num_warps=warps,
     )
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
@@ -152,6 +175,7 @@ def _kernels() -> tuple[Any, Any]:
         scale,
         D: tl.constexpr,  # type: ignore[name-defined]
         BLOCK_T: tl.constexpr,  # type: ignore[name-defined]
+        STAGES: tl.constexpr,  # type: ignore[name-defined]
     ):
         row, head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head = head // n_rep
@@ -177,7 +201,7 @@ def _kernels() -> tuple[Any, Any]:
         best = tl.full((), float("-inf"), tl.float32)
         total = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)
-        for first in tl.range(begin, end, BLOCK_T):
+        for first in tl.range(begin, end, BLOCK_T, num_stages=STAGES):
             pos = first + tl.arange(0, BLOCK_T)
             ok = pos < end
             page = tl.load(rows_ptr + row * stride_rows + pos // page_size, mask=ok, other=0)
