@@ -45,6 +45,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--server-log", type=Path, default=Path("lsp_server.log"))
     # psm / spm: answers run to 48 tokens; *_line: capped at the line's length (see above).
     parser.add_argument("--sessions", default="psm,psm_line,spm_line")
+    parser.add_argument("--speculate", action="store_true", help="model.speculativeDecoding")
     return parser.parse_args()
 
 
@@ -166,7 +167,8 @@ def server_command(run: argparse.Namespace, answer_tokens: int | None, fim: str)
     completion: dict[str, Any] = {"debounceMs": 0, "fimFormat": fim}
     if answer_tokens is not None:
         completion["maxTokensSingleLine"] = answer_tokens
-    settings = {"completion": completion, "model": {"maxSeqLen": 4096, "maxBatchSize": 4}}
+    model = {"maxSeqLen": 4096, "maxBatchSize": 4, "speculativeDecoding": run.speculate}
+    settings = {"completion": completion, "model": model}
     return [*command, "--settings", json.dumps(settings)]
 
 
@@ -178,6 +180,7 @@ def session(run: argparse.Namespace, out: Results, name: str) -> None:
     answer_tokens = line_answer_tokens(lines, target, tokenizer) if line_budget else None
     # The PSM figures keep their names from before the layout was a choice.
     suffix = ("_line" if line_budget else "") + ("" if fim == "psm" else f"_{fim}")
+    suffix += "_speculative" if run.speculate else ""
     client = Client(server_command(run, answer_tokens, fim), run.server_log)
     try:
         client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {}})

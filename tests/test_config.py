@@ -166,5 +166,6 @@ def test_schema_lists_every_setting_with_type_and_default() -> None:
         "description": ("CUDA: fused projections, Triton kernels and graphs recorded at start"),
     }
     assert schema["model.graphsAcrossRanks"]["default"] is True
-    assert len(schema) == 42
+    assert schema["model.speculativeDecoding"]["default"] is False
+    assert len(schema) == 43
     assert schema["model.hangTimeoutS"]["type"] == "number"

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -73,6 +73,7 @@ class Bucket:
     batch: int
     kv_len: int
     width: int = 1
+    every_column: bool = False  # a draft's check: the logits of every column, not the last
 
 
 # -- bucketing (pure) ----------------------------------------------------------------------------
@@ -285,6 +286,25 @@ class GraphedDecoder:
         padded = pad_columns((tokens, start_pos, slot, last), bucket.width)
         return self._run(bucket, padded)[0, -1]
 
+    @torch.inference_mode()
+    def verify(
+        self, tokens: torch.Tensor, start: int, slot: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """Logits `[T, V]` of every one of `tokens [1, T]` (T >= 2) written from position
+        `start` of `slot`: as `model(...)[0]`. Speculative decoding's check of a draft: the
+        pending token and the draft, through the short tails' buckets."""
+        width = tokens.shape[1]
+        start_pos = torch.full((1,), start, dtype=torch.long, device=tokens.device)
+        bucket = self.tail_bucket(width, start, kv_len)
+        if self.mode == "eager" or bucket is None or bucket.width > TAIL_WIDTHS[-1]:
+            self.stats["eager"] += 1
+            end, cache = start + width, self.cache
+            return self.model(tokens, start_pos, cache, slot, end, start=start)[0]
+        self.stats[f"{self.mode} verify"] += 1
+        columns = torch.arange(bucket.width, device=tokens.device)
+        padded = pad_columns((tokens, start_pos, slot, columns), bucket.width)
+        return self._run(replace(bucket, every_column=True), padded)[0, :width]
+
     def _defer(self, bucket: Bucket) -> bool:
         if self.mode == "eager" or not self.defer_wide_tails or bucket.width <= TAIL_WIDTHS[-1]:
             return False
@@ -343,6 +363,7 @@ class GraphedDecoder:
         batch_sizes: Sequence[int] = (),
         max_kv_len: int | None = None,
         tail_widths: Sequence[int] = (),
+        verify_widths: Sequence[int] = (),
     ) -> int:
         """Record graphs ahead of the first requests; returns how many are held.
 
@@ -352,13 +373,14 @@ class GraphedDecoder:
         if self.mode != "graphs":
             return 0
         limit = min(max_kv_len or self.cache.max_seq_len, self.cache.max_seq_len)
-        shapes = [(batch, 1) for batch in batch_sizes or self.buckets]
-        shapes += [(1, width) for width in tail_widths]
-        for batch, width in shapes:
+        shapes = [(batch, 1, False) for batch in batch_sizes or self.buckets]
+        shapes += [(1, width, False) for width in tail_widths]
+        shapes += [(1, width, True) for width in verify_widths]
+        for batch, width, every in shapes:
             for kv_len in kv_buckets(limit, self.kv_step):
                 if width <= kv_len:
-                    bucket = Bucket(batch, kv_len, width)
-                    self._graph(bucket, self._dummy_inputs(batch, width))
+                    bucket = Bucket(batch, kv_len, width, every)
+                    self._graph(bucket, self._dummy_inputs(batch, width, every_column=every))
         return len(self._graphs)
 
     def _graph(self, bucket: Bucket, inputs: Inputs) -> _Graph:
@@ -370,11 +392,15 @@ class GraphedDecoder:
             log.debug("captured a decode graph for %s", bucket)
         return graph
 
-    def _dummy_inputs(self, batch: int, width: int = 1, slot: int | None = None) -> Inputs:
+    def _dummy_inputs(
+        self, batch: int, width: int = 1, slot: int | None = None, every_column: bool = False
+    ) -> Inputs:
         device = self.cache.device
         slot = (self.pad_slot or 0) if slot is None else slot
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         inputs = (zeros[:, None].expand(-1, width).clone(), zeros.clone(), zeros + slot)
+        if every_column:
+            return (*inputs, torch.arange(width, device=device))
         return inputs if width == 1 else (*inputs, torch.full_like(zeros, width - 1))
 
 

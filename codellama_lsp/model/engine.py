@@ -27,6 +27,12 @@ Everything else the engine decides (stops, lengths, slots) follows from those id
 requests, so the ranks never disagree. Only rank 0's events are meant to be used: other ranks
 compute logprobs from their own logits.
 
+Speculative decoding (`speculate`): while one greedy request runs alone, a step may check a
+draft of the tokens that followed the request's latest n-gram where it occurred before
+(`speculation`), all in one forward through the short tails' graphs, and emit every confirmed
+token plus the model's next one. The tokens are the greedy ones either way; a request whose
+drafts keep failing waits longer and longer before the next.
+
 Out of memory: a forward that raises it fails its request (a prefill) or the newest request (a
 decode, retried without it); the cache and the other requests stay valid. Shards are equal in
 size, so every rank normally fails at the same allocation and they stay in step. A rank that
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +56,7 @@ from codellama_lsp.model.engine_events import EngineFailure, FailureKind, failur
 from codellama_lsp.model.engine_memory import DEFAULT_KV_CACHE_FRACTION, pool_size
 from codellama_lsp.model.engine_slots import Placement, Slot, SlotTable
 from codellama_lsp.model.kv_pages import DEFAULT_PAGE_SIZE
+from codellama_lsp.model.speculation import MAX_DRAFT, NgramIndex, accepted_length
 from codellama_lsp.model.transformer import Transformer
 from codellama_lsp.model.types import EngineRequest, Event, FinishEvent, FinishReason, TokenEvent
 
@@ -76,6 +83,9 @@ class _Running:
     pending: int = -1  # the last sampled id: it is fed (and cached) by the next decode
     generated: int = 0
     prompt_logprobs: tuple[float, ...] | None = None
+    drafts: NgramIndex | None = None  # prompt and generated ids, where speculation applies
+    misses: int = 0  # drafts in a row that the model rejected outright
+    wait: int = 0  # steps before the next draft
 
     @property
     def request_id(self) -> str:
@@ -122,6 +132,7 @@ class Engine:
         fast_kernels: bool | None = None,
         capture_kv_len: int = DEFAULT_CAPTURE_KV_LEN,
         graphs_across_ranks: bool = False,
+        speculate: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ConfigError("the engine needs max_batch_size >= 1 and max_seq_len >= 2")
@@ -137,6 +148,8 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.vocab_size = model.args.vocab_size
         self.prefill_chunk = max(1, prefill_chunk)
+        self.speculate = speculate
+        self.speculation: Counter[str] = Counter()  # checks, drafted and accepted tokens
         n_pages = pool_size(
             max_batch_size=max_batch_size,
             max_seq_len=max_seq_len,
@@ -194,7 +207,9 @@ class Engine:
         n = min(8, self.max_seq_len)
         tokens, zero = self._tensor([[1] * n]), self._tensor([0])
         self.model(tokens, zero, self.cache, zero, n, start=0, last_only=True)  # prefill kernels
-        self.decoder.capture((1,), capture_kv_len, TAIL_WIDTHS)  # a keystroke's graphs
+        # A keystroke's graphs, and speculation's checks of drafts.
+        checks = TAIL_WIDTHS if self.speculate else ()
+        self.decoder.capture((1,), capture_kv_len, TAIL_WIDTHS, verify_widths=checks)
         self.decoder.capture(self.decoder.buckets[1:], KV_LEN_BUCKET)  # compile batched steps
 
     # -- the public API --------------------------------------------------------------------------
@@ -251,6 +266,8 @@ class Engine:
     # -- decode ----------------------------------------------------------------------------------
     def _decode(self, events: list[Event]) -> None:
         rows = self._grow(list(self._running.values()), events)
+        if len(rows) == 1 and self._speculate(rows[0], events):
+            return
         retried = False
         while rows:
             try:
@@ -403,6 +420,8 @@ class Engine:
             message = "" if params.max_gen_len == 0 else self._full_message()
             self._finish(run, "length", events, message)
             return
+        if self.speculate and params.temperature <= 0 and not params.logprobs:
+            run.drafts = NgramIndex(prompt)
         ids, logprobs = self._sample([run], last_logits[None])
         self._accept(run, ids[0], logprobs[0], events)
 
@@ -468,6 +487,51 @@ class Engine:
             run.prompt_logprobs = tuple(prompt_logprobs)
         return logits[-1]
 
+    # -- speculative decoding --------------------------------------------------------------------
+    def _speculate(self, run: _Running, events: list[Event]) -> bool:
+        """One step that checks a draft (module docstring); False when there is none to check:
+        the caller then decodes as usual."""
+        draft = self._draft(run)
+        slot, pos = run.slot.index, run.position
+        end = pos + 1 + len(draft)
+        if not draft or not self._room(self.cache.tables.needed(slot, pos, end), keep={slot}):
+            return False
+        if not self.cache.reserve(slot, pos, end):
+            return False
+        fed = [run.pending, *draft]
+        logits = self.decoder.verify(
+            self._tensor([fed]), pos, self._tensor([slot]), self._kv_len(end)
+        )
+        chosen = torch.empty(len(fed), dtype=torch.long, device=logits.device)
+        if self._samples:
+            chosen = sampling.greedy(logits)
+        ids: list[int] = parallel.broadcast_tensor(chosen, src=0).tolist()
+        n = accepted_length(draft, ids)
+        self.speculation.update(checks=1, drafted=len(draft), accepted=n)
+        run.misses = 0 if n else run.misses + 1
+        run.wait = min(1 << run.misses, 16) - 1 if run.misses else 0
+        run.slot.tokens.extend(fed[: n + 1])  # the positions whose keys and values are valid
+        for token in ids[: n + 1]:
+            self._accept(run, token, None, events)
+            if run.request_id not in self._running:
+                break
+        return True
+
+    def _draft(self, run: _Running) -> list[int]:
+        """The tokens to check this step: within what the request may still generate and the
+        cache may hold; none while it waits after rejected drafts."""
+        if run.drafts is None:
+            return []
+        if run.wait:
+            run.wait -= 1
+            return []
+        params = run.request.params
+        left = min(
+            params.max_gen_len - run.generated,
+            self.max_seq_len - len(run.request.prompt_tokens) - run.generated,
+        )
+        return run.drafts.draft(min(MAX_DRAFT, left - 1)) if left > 1 else []
+
     # -- sampling --------------------------------------------------------------------------------
     def _generator(self, request: EngineRequest) -> torch.Generator | None:
         # Only rank 0 draws. Without a seed, the default generator (as the reference).
@@ -511,6 +575,8 @@ class Engine:
         events.append(TokenEvent(run.request_id, token, logprob))
         run.generated += 1
         run.pending = token
+        if run.drafts is not None:
+            run.drafts.extend((token,))
         total = len(run.request.prompt_tokens) + run.generated
         if run.generated >= params.max_gen_len:
             self._finish(run, "length", events)

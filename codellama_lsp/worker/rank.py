@@ -143,6 +143,7 @@ def _load(conn: Connection, launch: Launch, settings: WorkerSettings) -> Engine:
         kv_cache_fraction=settings.kv_cache_fraction,
         fast_kernels=None if settings.fast_kernels else False,
         graphs_across_ranks=settings.graphs_across_ranks,
+        speculate=settings.speculative_decoding,
     )
     parallel.barrier()  # Ready means every rank holds its shard
     info = ReadyInfo(

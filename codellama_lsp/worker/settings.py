@@ -27,6 +27,7 @@ class WorkerSettings:
     fast_kernels: bool = True
     # nproc > 1 on CUDA: record the decode graphs with their NCCL all-reduces (experimental).
     graphs_across_ranks: bool = True
+    speculative_decoding: bool = False
     init_timeout_s: float = 120.0  # torch.distributed rendezvous and collectives
     load_timeout_s: float = 900.0  # spawn to Ready of every rank
     request_timeout_s: float = 120.0  # a request with no event this long fails (queued too)
@@ -79,6 +80,7 @@ def settings_from(config: Any, **overrides: Any) -> WorkerSettings:
             "kv_cache_fraction",
             "fast_kernels",
             "graphs_across_ranks",
+            "speculative_decoding",
             "load_timeout_s",
             "request_timeout_s",
             "init_timeout_s",
