@@ -44,6 +44,8 @@ first=${models%% *}
   --device $device --ckpt-dir "$CKPT/$first" --json "$RESULTS"
 [ $lsp = 1 ] && step $((limit / 2)) "lsp $first" python3 bench/bench_lsp.py $tiny --device $device \
   --ckpt-dir "$CKPT/$first" --server-log "$OUT/lsp_server.log" --json "$RESULTS"
+[ $lsp = 1 ] && step $((limit / 2)) "speculation $first" python3 bench/speculation_bench.py $tiny \
+  --device $device --ckpt-dir "$CKPT/$first" --json "$RESULTS"
 [ $memory = 1 ] && step $((limit / 2)) "memory $first" python3 bench/bench_memory.py $tiny \
   --device $device --ckpt-dir "$CKPT/$first" --json "$RESULTS"
 echo "=== done ($(date -u +%T)); records in $RESULTS"
