@@ -21,10 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import Results, base_parser, sync
+from common import Results, base_parser, load_for_bench, sync
 
-from codellama_lsp.model import parallel
-from codellama_lsp.model.checkpoint import load_model
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.transformer import Transformer
 from codellama_lsp.model.types import EngineRequest, FinishEvent, SamplingParams, TokenEvent
@@ -131,11 +129,7 @@ def main() -> None:
     if run.tiny:  # CPU smoke test: the same paths at toy sizes
         run.editors, run.editor_prompt, run.long_request, run.long_prompt = 3, 40, 120, 200
         run.gen = 4
-    device = torch.device(run.device)
-    parallel.init_single_process()
-    out = Results(device, run.json)
-    dtype = torch.float32 if run.tiny else torch.bfloat16
-    model = load_model(run.ckpt_dir, device=device, dtype=dtype)[0]
+    device, out, model = load_for_bench(run)
     skip = set(run.skip.split(","))
     if "editors" not in skip:
         editors(model, run, device, out)

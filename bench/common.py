@@ -145,3 +145,16 @@ def find_tokenizer(given: Path | None) -> Path:
         if path is not None and path.is_file():
             return path
     raise SystemExit(f"no tokenizer.model: pass --tokenizer (looked in {TOKENIZER_CANDIDATES})")
+
+
+def load_for_bench(run: argparse.Namespace) -> tuple[torch.device, Results, Any]:
+    """The device, the results and `run.ckpt_dir`'s model in one process (bf16; float32 with
+    `--tiny`), for the scripts that time one model."""
+    from codellama_lsp.model import parallel
+    from codellama_lsp.model.checkpoint import load_model
+
+    device = torch.device(run.device)
+    parallel.init_single_process()
+    out = Results(device, run.json)
+    dtype = torch.float32 if run.tiny else torch.bfloat16
+    return device, out, load_model(run.ckpt_dir, device=device, dtype=dtype)[0]

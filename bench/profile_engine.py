@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import Results, base_parser, sync
+from common import base_parser, load_for_bench, sync
 
-from codellama_lsp.model import parallel
-from codellama_lsp.model.checkpoint import load_model
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.types import EngineRequest, SamplingParams
 
@@ -29,11 +27,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--steps", type=int, default=24)
     run = parser.parse_args()
-    device = torch.device(run.device)
-    parallel.init_single_process()
-    out = Results(device, run.json)
-    dtype = torch.float32 if run.tiny else torch.bfloat16
-    model = load_model(run.ckpt_dir, device=device, dtype=dtype)[0]
+    device, out, model = load_for_bench(run)
     seq = run.prompt + 3 * run.steps + 16
     engine = Engine(model, max_batch_size=run.rows, max_seq_len=seq, device=device)
     g = torch.Generator().manual_seed(0)

@@ -18,11 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, Results, base_parser, find_tokenizer, sync
+from common import REPO, base_parser, find_tokenizer, load_for_bench, sync
 from decode_loops import TIE_ULPS, gap_ulps
 
-from codellama_lsp.model import parallel
-from codellama_lsp.model.checkpoint import load_model
 from codellama_lsp.model.engine import Engine
 from codellama_lsp.model.tokenizer import Tokenizer
 from codellama_lsp.model.transformer import Transformer
@@ -88,11 +86,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--gen", type=int, default=48)
     run = parser.parse_args()
-    device = torch.device(run.device)
-    parallel.init_single_process()
-    out = Results(device, run.json)
-    dtype = torch.float32 if run.tiny else torch.bfloat16
-    model, _ = load_model(run.ckpt_dir, device=device, dtype=dtype)
+    device, out, model = load_for_bench(run)
     tokenizer = Tokenizer(find_tokenizer(run.ckpt_dir / "tokenizer.model"))
     requests = prompts(tokenizer, 3 if run.tiny else run.requests)
     results = {}
