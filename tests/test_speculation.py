@@ -130,3 +130,20 @@ def test_the_flag_and_the_editor_setting_reach_the_worker() -> None:
     assert problems == [] and edited.model.speculative_decoding
     _, problems = apply_settings(Config(), {"model": {"speculativeDecoding": "often"}})
     assert len(problems) == 1 and "speculativeDecoding" in problems[0].key
+
+
+def test_a_check_out_of_memory_falls_back_to_the_plain_step(
+    tiny_model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = _prompts()[0]
+    plain = Engine(tiny_model, max_batch_size=1, max_seq_len=200, device="cpu")
+    want = collect(serve(plain, [EngineRequest("r", prompt, SamplingParams(20))]))["r"].tokens
+    monkeypatch.setattr(NgramIndex, "draft", lambda self, limit=7: want[:limit])
+    fast = _engine(tiny_model, padded=False)
+
+    def out_of_memory(*args: object) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fast.decoder, "verify", out_of_memory)
+    got = collect(serve(fast, [EngineRequest("r", prompt, SamplingParams(20))]))["r"].tokens
+    assert got == want and fast.speculation["checks"] == 0

@@ -499,9 +499,14 @@ class Engine:
         if not self.cache.reserve(slot, pos, end):
             return False
         fed = [run.pending, *draft]
-        logits = self.decoder.verify(
-            self._tensor([fed]), pos, self._tensor([slot]), self._kv_len(end)
-        )
+        try:
+            logits = self.decoder.verify(
+                self._tensor([fed]), pos, self._tensor([slot]), self._kv_len(end)
+            )
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            return False  # the plain step (and its own recovery) follows; nothing was fed
         chosen = torch.empty(len(fed), dtype=torch.long, device=logits.device)
         if self._samples:
             chosen = sampling.greedy(logits)
