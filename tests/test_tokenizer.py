@@ -44,3 +44,14 @@ def test_step_is_special_only_in_the_70b_tokenizer(
     big = Tokenizer(tokenizer_70b_path)
     assert big.step_id == 32015
     assert 32015 not in big.encode_document("x<step>y")
+
+
+@pytest.mark.parametrize("text", ["    return x + 1\n", "<PRE> x <SUF>\n", "é" * 300 + "\n" * 400])
+def test_counts_are_the_document_encodings_lengths_and_lines_are_remembered(
+    tok: Tokenizer, text: str
+) -> None:
+    assert tok.count_document(text) == len(tok.encode_document(text))
+    before = tok._count_short.cache_info().hits
+    assert tok.count_document(text) == len(tok.encode_document(text))
+    remembered = len(text) <= 512  # lines, not whole windows
+    assert tok._count_short.cache_info().hits == before + remembered

@@ -5,6 +5,7 @@ No torch here: the language server holds the tokenizer, the GPU ranks only ever 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from pathlib import Path
@@ -17,6 +18,10 @@ from codellama_lsp.errors import TokenizerError
 # SentencePiece's implicit leading "▁"; decoding prepends the piece of "☺" and drops its character.
 _NOSPACE_MARK = "☺"
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Counts of texts up to this long (lines of code) are remembered: a keystroke changes one line,
+# so choosing the next window counts the same lines as the last one did.
+_COUNTED_TEXT_CHARS = 512
+_COUNTS_KEPT = 16384
 
 
 class Tokenizer:
@@ -48,6 +53,7 @@ class Tokenizer:
         # Only the 70B-Instruct tokenizer has <step>; its presence selects the turn dialog format.
         self.step_id = self._piece_id("<step>")
         self._nospace_mark_id = self._sp.piece_to_id(_NOSPACE_MARK)
+        self._count_short = functools.lru_cache(maxsize=_COUNTS_KEPT)(self._count)
         self.special_ids: frozenset[int] = self._collect_special_ids()
         self._special_surfaces = self._collect_special_surfaces()
 
@@ -75,6 +81,15 @@ class Tokenizer:
     def encode_document(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """`encode` for untrusted text: never yields a sentinel or control id."""
         return self._wrap(self._encode_safe(text, nospace=False), bos, eos)
+
+    def count_document(self, text: str) -> int:
+        """`len(encode_document(text))`; remembered for short texts (lines)."""
+        if len(text) <= _COUNTED_TEXT_CHARS:
+            return int(self._count_short(text))
+        return self._count(text)
+
+    def _count(self, text: str) -> int:
+        return len(self._encode_safe(text, nospace=False))
 
     def encode_document_nospace(self, text: str) -> list[int]:
         """`encode_nospace` for untrusted text: never yields a sentinel or control id."""

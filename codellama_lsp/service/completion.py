@@ -84,10 +84,7 @@ def prompt_budget(settings: CompletionConfig, max_seq_len: int) -> int:
 
 
 def window_step(tokenizer: Tokenizer, cursor: Cursor, budget: int) -> Window:
-    def count(text: str) -> int:
-        return len(tokenizer.encode_document(text))
-
-    return select_window(cursor.before, cursor.after, count, budget)
+    return select_window(cursor.before, cursor.after, tokenizer.count_document, budget)
 
 
 # -- 2. prompt ---------------------------------------------------------------------------------
