@@ -45,6 +45,7 @@ import torch
 from codellama_lsp.model import parallel
 from codellama_lsp.model.kv_cache import AttentionCache
 from codellama_lsp.model.transformer import Transformer
+from codellama_lsp.model.triton_support import next_pow2
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def width_bucket(width: int, max_width: int = MAX_TAIL_WIDTH) -> int | None:
     short = next((w for w in TAIL_WIDTHS if w >= width), None)
     if short is not None:
         return short
-    grain = max(TAIL_WIDTHS[-1], (1 << (width - 1).bit_length()) // 8)
+    grain = max(TAIL_WIDTHS[-1], next_pow2(width) // 8)
     return -(-width // grain) * grain
 
 
