@@ -268,24 +268,10 @@ class GraphedDecoder:
     ) -> torch.Tensor:
         """Logits `[V]` of the last of `tokens [1, T]` written from position `start` of `slot`
         (`[1]`): as `model(...)[0, -1]`. `kv_len` is at least `start + T`."""
-        width = tokens.shape[1]
-        start_pos = torch.full((1,), start, dtype=torch.long, device=tokens.device)
-        if width == 1:  # a decode step's shape: its graphs
+        if tokens.shape[1] == 1:  # a decode step's shape: its graphs
+            start_pos = torch.full((1,), start, dtype=torch.long, device=tokens.device)
             return self.decode(tokens, start_pos, slot, kv_len)[0]
-        bucket = self.tail_bucket(width, start, kv_len)
-        if bucket is not None and self._defer(bucket):
-            self.deferred.add(bucket)
-            bucket = None
-        if self.mode == "eager" or bucket is None:
-            self.stats["eager"] += 1
-            # The exact key length and the common start: attention runs a causal kernel.
-            end, cache = start + width, self.cache
-            logits = self.model(tokens, start_pos, cache, slot, end, start=start, last_only=True)
-            return logits[0, -1]
-        self.stats[f"{self.mode} tail"] += 1
-        last = torch.full((1,), width - 1, dtype=torch.long, device=tokens.device)
-        padded = pad_columns((tokens, start_pos, slot, last), bucket.width)
-        return self._run(bucket, padded)[0, -1]
+        return self._tail(tokens, start, slot, kv_len, every_column=False)[-1]
 
     @torch.inference_mode()
     def verify(
@@ -294,17 +280,36 @@ class GraphedDecoder:
         """Logits `[T, V]` of every one of `tokens [1, T]` (T >= 2) written from position
         `start` of `slot`: as `model(...)[0]`. Speculative decoding's check of a draft: the
         pending token and the draft, through the short tails' buckets."""
+        return self._tail(tokens, start, slot, kv_len, every_column=True)
+
+    def _tail(
+        self, tokens: torch.Tensor, start: int, slot: torch.Tensor, kv_len: int, every_column: bool
+    ) -> torch.Tensor:
+        """Logits of a one-row tail: `[T, V]` of every column, else `[1, V]` of the last one.
+        Through its bucket's graph, else eagerly (a wide tail whose graph waits for idle time,
+        a check of a draft wider than the short buckets)."""
         width = tokens.shape[1]
         start_pos = torch.full((1,), start, dtype=torch.long, device=tokens.device)
         bucket = self.tail_bucket(width, start, kv_len)
-        if self.mode == "eager" or bucket is None or bucket.width > TAIL_WIDTHS[-1]:
+        if bucket is not None and every_column and bucket.width > TAIL_WIDTHS[-1]:
+            bucket = None
+        if bucket is not None and self._defer(bucket):
+            self.deferred.add(bucket)
+            bucket = None
+        if self.mode == "eager" or bucket is None:
             self.stats["eager"] += 1
-            end, cache = start + width, self.cache
-            return self.model(tokens, start_pos, cache, slot, end, start=start)[0]
-        self.stats[f"{self.mode} verify"] += 1
-        columns = torch.arange(bucket.width, device=tokens.device)
+            # The exact key length and the common start: attention runs a causal kernel.
+            end, cache, last_only = start + width, self.cache, not every_column
+            return self.model(
+                tokens, start_pos, cache, slot, end, start=start, last_only=last_only
+            )[0]
+        self.stats[f"{self.mode} {'verify' if every_column else 'tail'}"] += 1
+        if every_column:
+            columns = torch.arange(bucket.width, device=tokens.device)
+        else:
+            columns = torch.full((1,), width - 1, dtype=torch.long, device=tokens.device)
         padded = pad_columns((tokens, start_pos, slot, columns), bucket.width)
-        return self._run(replace(bucket, every_column=True), padded)[0, :width]
+        return self._run(replace(bucket, every_column=every_column), padded)[0, :width]
 
     def _defer(self, bucket: Bucket) -> bool:
         if self.mode == "eager" or not self.defer_wide_tails or bucket.width <= TAIL_WIDTHS[-1]:
