@@ -65,8 +65,9 @@ def test_tables_reserve_share_copy_on_write_and_truncate() -> None:
     tables.share(0, 1, 6)
     assert tables.pages(1) == src[:2] and pool.refcount(src[1]) == 2
     # Writable without a change: only positions in pages a slot holds alone.
-    assert [tables.writable(0, p) for p in (0, 8, 11, 12)] == [False, True, True, False]
-    assert not tables.writable(1, 6) and not tables.writable(1, 8)
+    free = [tables.needed(0, p, p + 1) == 0 for p in (0, 8, 11, 12)]
+    assert free == [False, True, True, False]
+    assert tables.needed(1, 6, 7) and tables.needed(1, 8, 9)
     # Writing position 6 of slot 1 lands in shared page 1: it is copied first.
     assert tables.needed(1, 6, 9) == 2  # the copy of page 1, and page 2 (position 8)
     cow = tables.reserve(1, 6, 9)

@@ -293,18 +293,21 @@ class Engine:
     def _grow(self, rows: list[_Running], events: list[Event]) -> list[_Running]:
         """Give each row a writable page for its next position, oldest first; a row the pool
         cannot serve finishes with reason "length" (see the module docstring)."""
-        growing, tables = [], self.cache.tables
+        growing = []
         for run in rows:
-            slot, pos = run.slot.index, run.position
-            if tables.writable(slot, pos):  # 15 steps in 16: inside a page the row owns
-                growing.append(run)
-                continue
-            room = self._room(self.cache.tables.needed(slot, pos, pos + 1), keep={slot})
-            if room and self.cache.reserve(slot, pos, pos + 1):
+            if self._make_writable(run.slot.index, run.position, run.position + 1):
                 growing.append(run)
                 continue
             self._finish(run, "length", events, self._pool_full_message())
         return growing
+
+    def _make_writable(self, slot: int, start: int, end: int) -> bool:
+        """Make positions `start..end` of `slot` writable, dropping idle prefixes for room;
+        whether they are. Most decode steps stay inside a page the row owns: nothing to do."""
+        needed = self.cache.tables.needed(slot, start, end)
+        if not needed:
+            return True
+        return self._room(needed, keep={slot}) and self.cache.reserve(slot, start, end)
 
     def _decode_forward(self, rows: list[_Running]) -> torch.Tensor:
         tokens = self._tensor([[run.pending] for run in rows])
@@ -494,9 +497,7 @@ class Engine:
         draft = self._draft(run)
         slot, pos = run.slot.index, run.position
         end = pos + 1 + len(draft)
-        if not draft or not self._room(self.cache.tables.needed(slot, pos, end), keep={slot}):
-            return False
-        if not self.cache.reserve(slot, pos, end):
+        if not draft or not self._make_writable(slot, pos, end):
             return False
         fed = [run.pending, *draft]
         try:

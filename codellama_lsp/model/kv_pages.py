@@ -90,11 +90,6 @@ class PageTables:
     def held(self, slot: int) -> int:
         return len(self._pages[slot])
 
-    def writable(self, slot: int, position: int) -> bool:
-        """Whether `position` lies in a page the slot holds alone: writing it needs no change."""
-        index, pages = position // self.page_size, self._pages[slot]
-        return index < len(pages) and not self._shared(pages[index])
-
     def truncate(self, slot: int, n_tokens: int) -> list[PageChange]:
         """Keep only the pages holding positions `0..n_tokens`; the rest go back to the pool."""
         keep = self.pages_for(n_tokens)
