@@ -58,17 +58,28 @@ def test_the_engine_with_speculation_generates_the_greedy_tokens(
     fast = _engine(tiny_model, padded)
     prompts = _prompts()
     requests = [EngineRequest(f"r{i}", p, SamplingParams(60)) for i, p in enumerate(prompts)]
-    want = {r.request_id: collect(serve(plain, [r]))[r.request_id].tokens for r in requests}
+    want = {r.request_id: _tokens(plain, r) for r in requests}
     stop = want["r1"][30]  # a stop id in the middle of what would be generated
     requests.append(EngineRequest("stop", prompts[1], SamplingParams(60, stop_ids=(stop,))))
     requests.append(EngineRequest("hot", prompts[3], SamplingParams(20, temperature=0.8, seed=3)))
     want["stop"] = want["r1"][: want["r1"].index(stop)]
-    want["hot"] = collect(serve(plain, [requests[-1]]))["hot"].tokens
-    got = {r.request_id: collect(serve(fast, [r]))[r.request_id].tokens for r in requests}
+    want["hot"] = _tokens(plain, requests[-1])
+    got = {r.request_id: _tokens(fast, r) for r in requests}
     assert got == want
     assert fast.speculation["accepted"] > 0, fast.speculation
     if padded:
         assert fast.decoder.stats["padded verify"] == fast.speculation["checks"]
+
+
+def _tokens(engine: Engine, request: EngineRequest) -> list[int]:
+    """The tokens `engine` generates for `request`, served alone."""
+    return collect(serve(engine, [request]))[request.request_id].tokens
+
+
+def _plain_tokens(model: Transformer, prompt: tuple[int, ...], n: int) -> list[int]:
+    """The plain engine's greedy tokens: what speculation must reproduce."""
+    plain = Engine(model, max_batch_size=1, max_seq_len=200, device="cpu")
+    return _tokens(plain, EngineRequest("r", prompt, SamplingParams(n)))
 
 
 def _engine(model: Transformer, padded: bool) -> Engine:
@@ -85,8 +96,7 @@ def test_right_drafts_are_taken_whole_and_stops_still_cut(
     """Drafts that are the greedy continuation itself (from a plain run): fewer checks than
     tokens, every draft confirmed; a stop id inside a draft ends the answer there."""
     prompt = _prompts()[0]
-    plain = Engine(tiny_model, max_batch_size=1, max_seq_len=200, device="cpu")
-    want = collect(serve(plain, [EngineRequest("r", prompt, SamplingParams(60))]))["r"].tokens
+    want = _plain_tokens(tiny_model, prompt, 60)
 
     def oracle(self: NgramIndex, limit: int = 7) -> list[int]:
         done = len(self.tokens) - len(prompt)  # generated so far, the pending one included
@@ -94,27 +104,23 @@ def test_right_drafts_are_taken_whole_and_stops_still_cut(
 
     monkeypatch.setattr(NgramIndex, "draft", oracle)
     fast = _engine(tiny_model, padded)
-    got = collect(serve(fast, [EngineRequest("r", prompt, SamplingParams(60))]))["r"].tokens
-    assert got == want
+    assert _tokens(fast, EngineRequest("r", prompt, SamplingParams(60))) == want
     stats = fast.speculation
     assert stats["accepted"] == stats["drafted"] and stats["checks"] <= 60 // 8 + 1, stats
     stop = want[20]
     params = SamplingParams(60, stop_ids=(stop,))
-    got = collect(serve(fast, [EngineRequest("s", prompt, params)]))["s"].tokens
-    assert got == want[: want.index(stop)]
+    assert _tokens(fast, EngineRequest("s", prompt, params)) == want[: want.index(stop)]
 
 
 def test_wrong_drafts_change_nothing_and_are_checked_less_and_less(
     tiny_model: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompt = _prompts()[0]
-    plain = Engine(tiny_model, max_batch_size=1, max_seq_len=200, device="cpu")
-    want = collect(serve(plain, [EngineRequest("r", prompt, SamplingParams(60))]))["r"].tokens
+    want = _plain_tokens(tiny_model, prompt, 60)
     wrong = next(t for t in range(3, 100) if t not in want)
     monkeypatch.setattr(NgramIndex, "draft", lambda self, limit=7: [wrong] * limit)
     fast = _engine(tiny_model, padded=False)
-    got = collect(serve(fast, [EngineRequest("r", prompt, SamplingParams(60))]))["r"].tokens
-    assert got == want
+    assert _tokens(fast, EngineRequest("r", prompt, SamplingParams(60))) == want
     # Waits of 1, 3, 7, 15, 15 ... steps between rejected drafts: 7 checks in 60 steps.
     assert fast.speculation["accepted"] == 0 and 5 <= fast.speculation["checks"] <= 8
 
@@ -136,8 +142,7 @@ def test_a_check_out_of_memory_falls_back_to_the_plain_step(
     tiny_model: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompt = _prompts()[0]
-    plain = Engine(tiny_model, max_batch_size=1, max_seq_len=200, device="cpu")
-    want = collect(serve(plain, [EngineRequest("r", prompt, SamplingParams(20))]))["r"].tokens
+    want = _plain_tokens(tiny_model, prompt, 20)
     monkeypatch.setattr(NgramIndex, "draft", lambda self, limit=7: want[:limit])
     fast = _engine(tiny_model, padded=False)
 
@@ -145,5 +150,5 @@ def test_a_check_out_of_memory_falls_back_to_the_plain_step(
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(fast.decoder, "verify", out_of_memory)
-    got = collect(serve(fast, [EngineRequest("r", prompt, SamplingParams(20))]))["r"].tokens
+    got = _tokens(fast, EngineRequest("r", prompt, SamplingParams(20)))
     assert got == want and fast.speculation["checks"] == 0
