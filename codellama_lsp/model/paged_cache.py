@@ -18,6 +18,7 @@ from typing import cast
 
 import torch
 
+from codellama_lsp.model.host_copy import to_device
 from codellama_lsp.model.kv_cache import LayerBuffers
 from codellama_lsp.model.kv_pages import SCRATCH_PAGE, PageChange, PagePool, PageTables
 
@@ -130,17 +131,17 @@ class PagedKVCache(LayerBuffers):
     def _mirror(self, changes: list[PageChange]) -> None:
         if not changes:
             return
-        copies = [c for c in changes if c.copy_from is not None]
+        copies = [(c.page, c.copy_from) for c in changes if c.copy_from is not None]
         if copies:
-            dst = torch.tensor([c.page for c in copies], device=self.device)
-            src = torch.tensor([c.copy_from for c in copies], device=self.device)
+            dst = to_device([page for page, _ in copies], self.device)
+            src = to_device([source for _, source in copies], self.device)
             for layer in range(self.n_layers):
                 for buf in self.layer(layer):
                     buf[dst] = buf[src]
         # In order, one entry at a time would be many tiny copies: later changes of the same
         # entry must win, so keep the last change per entry and write them all at once.
         last = {(c.slot, c.index): c.page for c in changes}
-        rows = torch.tensor([s for s, _ in last], dtype=torch.long)
-        cols = torch.tensor([i for _, i in last], dtype=torch.long)
-        pages = torch.tensor(list(last.values()), dtype=torch.long)
-        self.table().index_put_((rows.to(self.device), cols.to(self.device)), pages.to(self.device))
+        rows = to_device([s for s, _ in last], self.device)
+        cols = to_device([i for _, i in last], self.device)
+        pages = to_device(list(last.values()), self.device)
+        self.table().index_put_((rows, cols), pages)

@@ -34,8 +34,8 @@ def sample_top_p(
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     # Drop the tokens whose preceding mass already exceeds p (the first token always stays).
-    mask = probs_sum - probs_sort > p
-    probs_sort[mask] = 0.0
+    # masked_fill_, not `probs_sort[mask] = 0`: boolean indexing waits for the GPU (nonzero).
+    probs_sort.masked_fill_(probs_sum - probs_sort > p, 0.0)
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
