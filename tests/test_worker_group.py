@@ -64,6 +64,7 @@ def _settings(ckpt_dir: Path, **overrides: object) -> WorkerSettings:
         restart_backoff_s=0.1,
         max_restarts=3,
         torch_threads=1,
+        pipeline_steps=True,  # as on CUDA: both ranks queue each next step before reading ids
     )
     return WorkerSettings(**{**base.__dict__, **overrides})  # type: ignore[arg-type]
 

@@ -33,6 +33,18 @@ draft of the tokens that followed the request's latest n-gram where it occurred 
 token plus the model's next one. The tokens are the greedy ones either way; a request whose
 drafts keep failing waits longer and longer before the next.
 
+Pipelined steps (`pipeline`, on CUDA by default): a decode step queues the next step's forward,
+fed the ids it just chose where they lie on the device, before it reads those ids back. The GPU
+runs that forward while the host reports the tokens and takes the next turn's work (across
+ranks too: the broadcast of the work), instead of idling for the host's time between steps
+(~0.3 ms of a 7B step through the worker, more across ranks). The next step then uses the queued
+forward for its rows still running. A step queues one only when the next decodes exactly those
+rows: no request waits to join, no cancel is pending, no draft is checked; rows whose token is
+their last by length are left out of it. A row that stops on a stop id or is cancelled wastes
+its row of the queued forward, which wrote one position past the slot's known tokens, where
+nothing reads (as a pad row's). Every small host-to-device copy is queued from pinned memory
+(`host_copy`), so that nothing the host does in between waits for the queued forward.
+
 Out of memory: a forward that raises it fails its request (a prefill) or the newest request (a
 decode, retried without it); the cache and the other requests stay valid. Shards are equal in
 size, so every rank normally fails at the same allocation and they stay in step. A rank that
@@ -55,6 +67,7 @@ from codellama_lsp.model.cuda_graphs import MAX_TAIL_WIDTH, TAIL_WIDTHS, Graphed
 from codellama_lsp.model.engine_events import EngineFailure, FailureKind, failure
 from codellama_lsp.model.engine_memory import DEFAULT_KV_CACHE_FRACTION, pool_size
 from codellama_lsp.model.engine_slots import Placement, Slot, SlotTable
+from codellama_lsp.model.host_copy import to_device
 from codellama_lsp.model.kv_pages import DEFAULT_PAGE_SIZE
 from codellama_lsp.model.speculation import MAX_DRAFT, NgramIndex, accepted_length
 from codellama_lsp.model.transformer import Transformer
@@ -97,6 +110,14 @@ class _Running:
         return len(self.slot.tokens)
 
 
+@dataclass
+class _Ahead:
+    """A decode forward queued before the ids it feeds were read back (`Engine._queue_ahead`)."""
+
+    rows: list[_Running]
+    logits: torch.Tensor  # [len(rows), V]
+
+
 # Besides a step's K/V read: CUDA graphs' pools, cuBLAS and cuDNN workspaces, the compiled
 # kernels, a prefill chunk's activations (measured on an H100: 10% of the free memory plus one
 # read was not enough, BENCHMARKS.md run 9).
@@ -133,6 +154,7 @@ class Engine:
         capture_kv_len: int = DEFAULT_CAPTURE_KV_LEN,
         graphs_across_ranks: bool = False,
         speculate: bool = False,
+        pipeline: bool | None = None,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ConfigError("the engine needs max_batch_size >= 1 and max_seq_len >= 2")
@@ -149,6 +171,9 @@ class Engine:
         self.vocab_size = model.args.vocab_size
         self.prefill_chunk = max(1, prefill_chunk)
         self.speculate = speculate
+        # Pipelined decode steps (module docstring): on CUDA by default; on CPU every forward
+        # runs at once, so queueing one ahead overlaps nothing (the tests turn it on).
+        self.pipeline = self.device.type == "cuda" if pipeline is None else pipeline
         self.speculation: Counter[str] = Counter()  # checks, drafted and accepted tokens
         n_pages = pool_size(
             max_batch_size=max_batch_size,
@@ -177,6 +202,7 @@ class Engine:
         self._running: dict[str, _Running] = {}  # in admission order: the newest is last
         self._cancels: set[str] = set()
         self._samples = parallel.model_parallel_rank() == 0
+        self._ahead: _Ahead | None = None
 
     def _new_decoder(self, graphs_across_ranks: bool) -> GraphedDecoder:
         # Wide prompt tails' graphs are recorded when the engine is idle (`record_idle`).
@@ -248,6 +274,8 @@ class Engine:
         self._apply_cancels(events)
         if self._running:
             self._decode(events)
+        else:
+            self._ahead = None  # its rows all stopped: a forward wasted, nothing to read
         self._admit(events)
         return events
 
@@ -265,14 +293,31 @@ class Engine:
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode(self, events: list[Event]) -> None:
-        rows = self._grow(list(self._running.values()), events)
-        if len(rows) == 1 and self._speculate(rows[0], events):
-            return
+        queued = self._take_ahead()
+        if queued is None:
+            rows = self._grow(list(self._running.values()), events)
+            if len(rows) == 1 and self._speculate(rows[0], events):
+                return
+            logits = self._decode_retrying(rows, events)
+            if logits is None:
+                return
+            queued = rows, logits
+        rows, logits = queued
+        for run in rows:
+            run.slot.tokens.append(run.pending)
+        chosen = self._choose(rows, logits)
+        self._ahead = self._queue_ahead(rows, chosen)
+        ids, logprobs = self._read_back(rows, logits, chosen)
+        for run, token, logprob in zip(rows, ids, logprobs, strict=True):
+            self._accept(run, token, logprob, events)
+
+    def _decode_retrying(self, rows: list[_Running], events: list[Event]) -> torch.Tensor | None:
+        """The rows' decode forward; out of memory, the cached memory handed back once, then the
+        newest rows failed (and taken out of `rows`) until the rest fit. None: no row left."""
         retried = False
         while rows:
             try:
-                logits = self._decode_forward(rows)
-                break
+                return self._decode_forward(rows)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -282,13 +327,52 @@ class Engine:
                         continue
                 # Fail the newest request (it most likely pushed memory over) and try the rest.
                 self._fail(rows.pop(), "oom", _oom_message("decoding", exc), events)
-        else:
-            return
-        for run in rows:
-            run.slot.tokens.append(run.pending)
-        ids, logprobs = self._sample(rows, logits)
-        for run, token, logprob in zip(rows, ids, logprobs, strict=True):
-            self._accept(run, token, logprob, events)
+        return None
+
+    # -- pipelined steps -------------------------------------------------------------------------
+    def _queue_ahead(self, rows: list[_Running], chosen: torch.Tensor) -> _Ahead | None:
+        """Queue the next decode forward of the rows that go on, fed `chosen` on the device, before
+        the host reads those ids back (module docstring, "Pipelined steps"). Only where the next
+        step decodes exactly these rows: no queued request may join first (admission follows
+        the decode), no cancel waits, no draft is checked (speculation decides step by step)."""
+        if not self.pipeline or self._queue or self._cancels:
+            return None
+        going_on = [i for i, run in enumerate(rows) if self._goes_on(run)]
+        ahead = [rows[i] for i in going_on]
+        if not ahead or any(run.drafts is not None for run in ahead):
+            return None
+        for run in ahead:
+            if not self._make_writable(run.slot.index, run.position, run.position + 1):
+                return None  # the plain step finishes the row that cannot grow
+        if len(ahead) < len(rows):
+            chosen = chosen[self._tensor(going_on)]
+        try:
+            logits = self._decode_forward(ahead, chosen[:, None])
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            return None  # the plain step runs it again, with its own recovery
+        return _Ahead(ahead, logits)
+
+    def _goes_on(self, run: _Running) -> bool:
+        """Whether the request may take a token after the one being chosen: that one is not its
+        last by length (a stop id cannot be foreseen)."""
+        generated = run.generated + 1
+        total = len(run.request.prompt_tokens) + generated
+        return generated < run.request.params.max_gen_len and total < self.max_seq_len
+
+    def _take_ahead(self) -> tuple[list[_Running], torch.Tensor] | None:
+        """The forward that the last step queued, for its rows still running (stopped and
+        cancelled ones dropped), or None."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        kept = [i for i, run in enumerate(ahead.rows) if self._running.get(run.request_id) is run]
+        if len(kept) != len(self._running):
+            return None  # a request joined since (never: `_queue_ahead`); decode every row anew
+        if len(kept) == len(ahead.rows):
+            return ahead.rows, ahead.logits
+        return [ahead.rows[i] for i in kept], ahead.logits[self._tensor(kept)]
 
     def _grow(self, rows: list[_Running], events: list[Event]) -> list[_Running]:
         """Give each row a writable page for its next position, oldest first; a row the pool
@@ -309,8 +393,12 @@ class Engine:
             return True
         return self._room(needed, keep={slot}) and self.cache.reserve(slot, start, end)
 
-    def _decode_forward(self, rows: list[_Running]) -> torch.Tensor:
-        tokens = self._tensor([[run.pending] for run in rows])
+    def _decode_forward(
+        self, rows: list[_Running], tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits `[B, V]` of feeding each row's pending id (or `tokens [B, 1]`) at its position."""
+        if tokens is None:
+            tokens = self._tensor([[run.pending] for run in rows])
         start_pos = self._tensor([run.position for run in rows])
         slots = self._tensor([run.slot.index for run in rows])
         kv_len = self._kv_len(max(run.position for run in rows) + 1)  # an int: no host sync
@@ -549,19 +637,30 @@ class Engine:
     def _sample(
         self, rows: list[_Running], logits: torch.Tensor
     ) -> tuple[list[int], list[float | None]]:
-        """Rank 0 chooses each row's next id; every rank gets them by broadcast."""
+        return self._read_back(rows, logits, self._choose(rows, logits))
+
+    def _choose(self, rows: list[_Running], logits: torch.Tensor) -> torch.Tensor:
+        """Rank 0 chooses each row's next id; every rank gets them by broadcast (on the device:
+        nothing here waits for the GPU)."""
         params = [run.request.params for run in rows]
         if not self._samples:
             chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         elif any(p.temperature > 0 for p in params):
             # The same call as the plain loop's: a seeded row draws alone from its generator.
-            temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-            top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+            device, f32 = logits.device, torch.float32
+            temperature = to_device([p.temperature for p in params], device, f32)
+            top_p = to_device([p.top_p for p in params], device, f32)
             generators = [run.generator for run in rows]
             chosen = sampling.sample(logits, temperature, top_p, generators)
         else:
             chosen = sampling.greedy(logits)
-        parallel.broadcast_tensor(chosen, src=0)
+        return parallel.broadcast_tensor(chosen, src=0)
+
+    def _read_back(
+        self, rows: list[_Running], logits: torch.Tensor, chosen: torch.Tensor
+    ) -> tuple[list[int], list[float | None]]:
+        """The chosen ids on the host (this waits for the GPU), and their logprobs if asked."""
+        params = [run.request.params for run in rows]
         ids: list[int] = chosen.tolist()
         logprobs: list[float | None] = [None] * len(rows)
         if any(p.logprobs for p in params):
@@ -637,14 +736,14 @@ class Engine:
         return min(self.max_seq_len, -(-needed // KV_LEN_BUCKET) * KV_LEN_BUCKET)
 
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        return to_device(values, self.device)
 
 
 def _next_token_logprobs(logits: torch.Tensor, targets: tuple[int, ...]) -> list[float]:
     """Logprob of each target id under the logits of the position before it."""
     if not targets:
         return []
-    ids = torch.tensor(targets, dtype=torch.long, device=logits.device)
+    ids = to_device(targets, logits.device)
     values: list[float] = sampling.token_logprobs(logits[: len(targets)], ids).tolist()
     return values
 

@@ -144,6 +144,7 @@ def _load(conn: Connection, launch: Launch, settings: WorkerSettings) -> Engine:
         fast_kernels=None if settings.fast_kernels else False,
         graphs_across_ranks=settings.graphs_across_ranks,
         speculate=settings.speculative_decoding,
+        pipeline=settings.pipeline_steps,
     )
     parallel.barrier()  # Ready means every rank holds its shard
     info = ReadyInfo(

@@ -28,6 +28,9 @@ class WorkerSettings:
     # nproc > 1 on CUDA: record the decode graphs with their NCCL all-reduces (experimental).
     graphs_across_ranks: bool = True
     speculative_decoding: bool = False
+    # Pipelined decode steps (model/engine.py): None, on CUDA only (on CPU they overlap
+    # nothing); the tests turn them on, the benchmarks off to compare.
+    pipeline_steps: bool | None = None
     init_timeout_s: float = 120.0  # torch.distributed rendezvous and collectives
     load_timeout_s: float = 900.0  # spawn to Ready of every rank
     request_timeout_s: float = 120.0  # a request with no event this long fails (queued too)
