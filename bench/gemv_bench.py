@@ -42,12 +42,18 @@ SHAPES_13B = [
     ("13b_mp2_wo", 5120, 2560),
     ("13b_mp2_w13", 13824, 5120),
     ("13b_mp2_w2", 5120, 6912),
+    ("13b_mp2_output", 32016 // 2, 5120),
 ]
 SWEEP = [
     gemv.GemvConfig(n, k, w, s)
     for n, k, w, s in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (1, 3))
 ]
 QUICK_SWEEP = [gemv.GemvConfig(n, k, 4, 3) for n in (4, 8, 16) for k in (256, 512)]
+# `--only 7b|13b` (13B: whole and one rank's of MP=2): the pipelined shapes of SWEEP.
+SWEEP_PIPELINED = [
+    gemv.GemvConfig(n, k, w, 3)
+    for n, k, w in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8))
+]
 MIN_BYTES = 2 << 30
 
 
@@ -134,14 +140,36 @@ def attention_7b(copy: float, out: Results) -> None:
     """Decode attention over 7B layer caches in pages of 16 positions, shuffled in the pool as a
     long-running server's are: launch shapes as % of the copy rate for the K/V bytes read."""
     for rows, ctx in ATTENTION_CASES:
-        _attention_rows(rows, ctx, copy, out)
+        _attention_rows(rows, ctx, copy, out, 32, ATTENTION_SHAPES)
         torch.cuda.empty_cache()
 
 
-def _attention_rows(rows: int, ctx: int, copy: float, out: Results) -> None:
+# Batch 1 at an editor's contexts, latency-bound: wider and narrower programs, fewer of them.
+ATTENTION_B1_SHAPES = [
+    *itertools.product((16, 32, 64), (2, 4, 8), (528, 1056, 2112, 4224), (None,)),
+    *itertools.product((32, 64), (4,), (1056, 2112), (2, 3)),
+]
+# (heads, positions): 7B, 13B and one rank of 13B over two GPUs; a short and an LSP context.
+ATTENTION_B1_CASES = [(h, c) for h in (32, 40, 20) for c in (528, 2064)]
+
+
+def attention_b1(copy: float, out: Results) -> None:
+    for heads, ctx in ATTENTION_B1_CASES:
+        _attention_rows(1, ctx, copy, out, heads, ATTENTION_B1_SHAPES)
+        torch.cuda.empty_cache()
+
+
+def _attention_rows(
+    rows: int,
+    ctx: int,
+    copy: float,
+    out: Results,
+    h: int,
+    shapes: list[tuple[int, int, int, int | None]],
+) -> None:
     from codellama_lsp.model import decode_attention as da
 
-    device, d, h, page = torch.device("cuda"), 128, 32, 16
+    device, d, page = torch.device("cuda"), 128, 16
     per_row = -(-ctx // page)
     # Distinct caches, so that L2 holds none of them (fewer at long contexts: 1.6 GB a layer).
     layers = 8 if ctx <= 16384 else 4
@@ -154,7 +182,7 @@ def _attention_rows(rows: int, ctx: int, copy: float, out: Results) -> None:
     page_rows = torch.randperm(n_pages, device=device).view(rows, per_row)
     start = torch.full((rows,), ctx - 1, device=device)
     nbytes = layers * 2 * rows * ctx * h * d * 2
-    for block_t, warps, target, stages in ATTENTION_SHAPES:
+    for block_t, warps, target, stages in shapes:
         shape = da.AttentionLaunch(block_t, warps, target, stages)
         calls = [
             lambda c=c, s=shape: da.attend(
@@ -169,7 +197,8 @@ def _attention_rows(rows: int, ctx: int, copy: float, out: Results) -> None:
             continue
         rate = nbytes / seconds
         note = f"{seconds / layers * 1e6:.1f} us per layer, {ctx} positions"
-        name = f"attention_7b_b{rows}_c{ctx}_t{block_t}_w{warps}_p{target}_s{stages or 0}"
+        model = {32: "7b", 40: "13b", 20: "13b_mp2"}.get(h, f"h{h}")
+        name = f"attention_{model}_b{rows}_c{ctx}_t{block_t}_w{warps}_p{target}_s{stages or 0}"
         out.add(name, rate / 1e9, "GB/s", 100 * rate / copy, note)
     del caches
 
@@ -196,6 +225,10 @@ def main() -> None:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--quick", action="store_true", help="a small sweep")
     parser.add_argument("--skip-13b", action="store_true")
+    parser.add_argument("--only", choices=["7b", "13b"], help="one model's shapes, a wider sweep")
+    parser.add_argument(
+        "--attention-b1", action="store_true", help="only batch-1 decode attention, more shapes"
+    )
     parser.add_argument("--attention", action="store_true", help="only decode attention")
     run = parser.parse_args()
     device = torch.device(run.device)
@@ -208,6 +241,15 @@ def main() -> None:
     out.add("copy_rate", copy / 1e9, "GB/s", note="read + written")
     if run.attention:
         attention_7b(copy, out)
+        out.finish()
+        return
+    if run.attention_b1:
+        attention_b1(copy, out)
+        out.finish()
+        return
+    if run.only:
+        for name, n, k in SHAPES_7B if run.only == "7b" else SHAPES_13B:
+            sweep_shape(name, n, k, SWEEP_PIPELINED, copy, out)
         out.finish()
         return
     configs = QUICK_SWEEP if run.quick else SWEEP

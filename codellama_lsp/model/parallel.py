@@ -65,6 +65,24 @@ def init_single_process() -> None:
     init_model_parallel(1, 0, "gloo", f"file://{store}", timeout_s=60.0)
 
 
+def init_simulated_rank(world_size: int) -> None:
+    """Rank 0 of a `world_size` split whose peers do not exist: collectives return at once and
+    leave their outputs as they are (torch's "fake" backend). For benchmarks only: one GPU runs
+    exactly one rank's share of the work (its shards, its kernels, graphs holding the calls), so
+    the time that the collectives and the other ranks add is what a real split measures beyond
+    it. Results are not the model's; the control group does not exist (`broadcast_object` and
+    `barrier` must not be called)."""
+    if world_size < 1:
+        raise ConfigError(f"invalid simulated world size {world_size}")
+    # Importing it registers the backend; it lives with torch's test helpers.
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        fs_init.initialize_model_parallel(world_size)
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized() and fs_init.model_parallel_is_initialized()
 

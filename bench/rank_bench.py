@@ -1,0 +1,117 @@
+"""One rank's share of a model-parallel split, on one GPU: batch-1 decode of rank 0 of MP=n with
+collectives that do nothing (`parallel.init_simulated_rank`), beside the same model whole (MP=1)
+in another process.
+
+Why: 13B over two GPUs decodes at 44-52% of its per-GPU floor (BENCHMARKS.md run 30), and the
+time of a real split mixes three things: the rank's own kernels (its shards are half as wide, so
+its products are smaller and less efficient), the 2 x layers all-reduces, and the host's work
+between steps. This measures the first alone, on one GPU; a real split's step minus this one is
+what the collectives and the host add.
+
+The rank's weights are random with the real per-rank shapes (no checkpoint: nothing is loaded or
+shared); the engine's fast path decodes (fused projections, the Triton kernels, CUDA graphs that
+hold the collectives as a real split's do). Tokens are meaningless (the all-reduces do not sum),
+only times count. Floor: the rank's weight bytes but the embedding shard, plus its K/V reads, at
+the copy rate measured in the same process.
+
+    python bench/rank_bench.py --model 13b --world 2 [--profile] [--json results.json]
+    python bench/rank_bench.py --tiny --world 2           # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import ceilings
+import decode_loops as loops
+import profile_step
+import torch
+from common import Results, base_parser
+from random_weights import SHAPES
+
+from codellama_lsp.model import parallel
+from codellama_lsp.model.args import ModelArgs
+from codellama_lsp.model.cuda_graphs import GraphedDecoder
+from codellama_lsp.model.kv_pages import kv_bytes_per_token
+from codellama_lsp.model.transformer import Transformer, build_transformer
+
+
+def parse() -> argparse.Namespace:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--model", default="13b", choices=sorted(SHAPES))
+    parser.add_argument("--world", type=int, default=2, help="ranks of the split (1: whole)")
+    parser.add_argument("--ctx", type=int, default=512, help="prompt tokens before decoding")
+    parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    parser.add_argument("--batches", default="1", help="decode batches, e.g. 1,16")
+    parser.add_argument("--profile", action="store_true", help="kernel table of a step")
+    return parser.parse_args()
+
+
+def random_rank_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """This rank's Transformer with random weights drawn on `device` (scaled as an initialised
+    network's: products by 1/sqrt(fan-in), norms near 1)."""
+    model = build_transformer(args, device="meta", dtype=dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 1:  # RMSNorm scales
+                weight.copy_(1.0 + 0.1 * torch.randn(weight.shape, generator=gen, device=device))
+                continue
+            std = 1.0 if name.startswith("tok_embeddings") else weight.shape[1] ** -0.5
+            weight.copy_(std * torch.randn(weight.shape, generator=gen, device=device))
+    model.eval()
+    return model
+
+
+def rank_bytes(model: Transformer, batch: int, kv_len: float) -> int:
+    """Bytes a decode step of this rank reads at least: every weight but the embedding shard,
+    and each row's attended keys and values."""
+    weights = sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if not name.startswith("tok_embeddings")
+    )
+    args = model.args
+    kv = kv_bytes_per_token(args.n_layers, model.n_local_kv_heads, args.head_dim, 2)
+    return weights + int(batch * kv_len * kv)
+
+
+def main() -> None:
+    run = parse()
+    shape = "tiny" if run.tiny else run.model
+    device = torch.device(run.device)
+    args = SHAPES[shape][0]
+    dtype = torch.float32 if run.tiny else torch.bfloat16
+    if run.world == 1:
+        parallel.init_single_process()
+    else:
+        parallel.init_simulated_rank(run.world)
+    out = Results(device, run.json)
+    copy = ceilings.measure(device, tiny=run.tiny).copy_bytes_per_s
+    out.add("ceiling_copy_read_plus_write", copy / 1e9, "GB/s", None, "this process")
+    model = random_rank_model(args, device, dtype)
+    model.fuse_projections()
+    model.use_compiled_ops(device.type == "cuda")
+    batches = [int(b) for b in run.batches.split(",")]
+    ctx, steps = (24, 8) if run.tiny else (run.ctx, run.steps)
+    cache = model.new_cache(max(batches), ctx + steps + 4)
+    mode = "graphs" if device.type == "cuda" else "padded"
+    decoder = GraphedDecoder(model, cache, mode=mode, allow_collectives=True)
+    prompts = torch.randint(3, args.vocab_size - 16, (max(batches), ctx), device=device)
+    first = loops.prefill(model, cache, prompts)
+    label = f"{shape}_mp{run.world}_rank" if run.world > 1 else f"{shape}_mp1"
+    for b in batches:
+        loops.decode(decoder.decode, first[:b], ctx, 2)  # records the graphs
+        timed = loops.decode(decoder.decode, first[:b], ctx, steps)
+        seconds = timed.seconds / steps
+        floor = rank_bytes(model, b, ctx + steps / 2) / copy
+        note = f"{seconds * 1e3:.3f} ms/step; floor {floor * 1e3:.3f} ms; ctx {ctx}; {mode}"
+        out.add(f"decode_{label}_b{b}", b / seconds, "tok/s", 100 * floor / seconds, note)
+        if run.profile:
+            profile_step.run(decoder.decode, first, ctx, out, label, rows=b)
+    out.finish()
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()
