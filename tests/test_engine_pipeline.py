@@ -241,3 +241,43 @@ def test_on_cuda_pipelined_steps_are_the_default_and_give_the_plain_steps_events
     r = MIXED
     script = {0: [_add(r[0], r[1])], 2: [_add(r[2])], 3: [_cancel("seeded")], 5: [_add(r[3], r[4])]}
     _both(cuda_model, script, device="cuda")
+
+
+class _SleepBeforeAhead(Engine):
+    """Queues ~0.2 s of GPU sleep just before each next forward is queued, and notes whether the
+    GPU is still busy once that forward is queued and once the step has read its ids."""
+
+    busy: list[tuple[bool, bool]]
+
+    def _queue_ahead(self, rows, chosen):  # type: ignore[no-untyped-def]
+        torch.cuda._sleep(400_000_000)  # clock cycles
+        ahead = super()._queue_ahead(rows, chosen)
+        if ahead is not None:
+            self._queued_busy = not torch.cuda.current_stream().query()
+        return ahead
+
+    def step(self) -> list[Event]:
+        self._queued_busy = None
+        events = super().step()
+        if self._queued_busy is not None:
+            self.busy.append((self._queued_busy, not torch.cuda.current_stream().query()))
+        torch.cuda.synchronize()
+        return events
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_nothing_waits_for_the_queued_forward(
+    single_process: None, tiny_model: Transformer
+) -> None:
+    """Queueing the next forward copies nothing synchronously (positions, slots, page tables),
+    and the step's ids and logprobs are read without waiting for what was queued after them."""
+    model = build_transformer(TINY_ARGS, device="meta", dtype=torch.float32, max_seq_len=512)
+    model.load_state_dict(tiny_model.state_dict(), strict=True, assign=True)
+    engine = _SleepBeforeAhead(
+        model.to("cuda").eval(), max_batch_size=2, max_seq_len=SEQ, device="cuda", page_size=4
+    )
+    engine.busy = []
+    events = _run(engine, {0: [_add(MIXED[0], MIXED[3])]})  # logprobs, pages of 4: new pages
+    assert len(collect(events)) == 2
+    assert len(engine.busy) >= 5 and all(queued and read for queued, read in engine.busy)

@@ -42,8 +42,10 @@ forward for its rows still running. A step queues one only when the next decodes
 rows: no request waits to join, no cancel is pending, no draft is checked; rows whose token is
 their last by length are left out of it. A row that stops on a stop id or is cancelled wastes
 its row of the queued forward, which wrote one position past the slot's known tokens, where
-nothing reads (as a pad row's). Every small host-to-device copy is queued from pinned memory
-(`host_copy`), so that nothing the host does in between waits for the queued forward.
+nothing reads (as a pad row's). Nothing the host does in between may wait for the queued
+forward (`host_copy`): small host-to-device copies go from pinned memory, and the chosen ids
+(and logprobs) are copied back by copies queued before that forward, which the host waits for
+alone.
 
 Out of memory: a forward that raises it fails its request (a prefill) or the newest request (a
 decode, retried without it); the cache and the other requests stay valid. Shards are equal in
@@ -67,7 +69,7 @@ from codellama_lsp.model.cuda_graphs import MAX_TAIL_WIDTH, TAIL_WIDTHS, Graphed
 from codellama_lsp.model.engine_events import EngineFailure, FailureKind, failure
 from codellama_lsp.model.engine_memory import DEFAULT_KV_CACHE_FRACTION, pool_size
 from codellama_lsp.model.engine_slots import Placement, Slot, SlotTable
-from codellama_lsp.model.host_copy import to_device
+from codellama_lsp.model.host_copy import HostCopy, to_device
 from codellama_lsp.model.kv_pages import DEFAULT_PAGE_SIZE
 from codellama_lsp.model.speculation import MAX_DRAFT, NgramIndex, accepted_length
 from codellama_lsp.model.transformer import Transformer
@@ -306,8 +308,9 @@ class Engine:
         for run in rows:
             run.slot.tokens.append(run.pending)
         chosen = self._choose(rows, logits)
+        copied = self._copy_back(rows, logits, chosen)  # queued before the next forward
         self._ahead = self._queue_ahead(rows, chosen)
-        ids, logprobs = self._read_back(rows, logits, chosen)
+        ids, logprobs = self._read_back(rows, copied)
         for run, token, logprob in zip(rows, ids, logprobs, strict=True):
             self._accept(run, token, logprob, events)
 
@@ -637,7 +640,8 @@ class Engine:
     def _sample(
         self, rows: list[_Running], logits: torch.Tensor
     ) -> tuple[list[int], list[float | None]]:
-        return self._read_back(rows, logits, self._choose(rows, logits))
+        chosen = self._choose(rows, logits)
+        return self._read_back(rows, self._copy_back(rows, logits, chosen))
 
     def _choose(self, rows: list[_Running], logits: torch.Tensor) -> torch.Tensor:
         """Rank 0 chooses each row's next id; every rank gets them by broadcast (on the device:
@@ -656,17 +660,25 @@ class Engine:
             chosen = sampling.greedy(logits)
         return parallel.broadcast_tensor(chosen, src=0)
 
-    def _read_back(
+    def _copy_back(
         self, rows: list[_Running], logits: torch.Tensor, chosen: torch.Tensor
+    ) -> HostCopy:
+        """Queue the copies of the chosen ids, and of their logprobs if any row asks, to the
+        host: before the next forward is queued, so that reading them waits for this step only."""
+        if not any(run.request.params.logprobs for run in rows):
+            return HostCopy(chosen)
+        # The reference's logprobs: of the raw logits, whatever the temperature.
+        return HostCopy(chosen, sampling.token_logprobs(logits, chosen))
+
+    def _read_back(
+        self, rows: list[_Running], copied: HostCopy
     ) -> tuple[list[int], list[float | None]]:
-        """The chosen ids on the host (this waits for the GPU), and their logprobs if asked."""
-        params = [run.request.params for run in rows]
-        ids: list[int] = chosen.tolist()
+        """The chosen ids and logprobs on the host (this waits for `_copy_back`'s copies)."""
+        ids, *values = copied.values()
         logprobs: list[float | None] = [None] * len(rows)
-        if any(p.logprobs for p in params):
-            # The reference's logprobs: of the raw logits, whatever the temperature.
-            values = sampling.token_logprobs(logits, chosen).tolist()
-            logprobs = [v if p.logprobs else None for p, v in zip(params, values, strict=True)]
+        if values:
+            params = [run.request.params for run in rows]
+            logprobs = [v if p.logprobs else None for p, v in zip(params, values[0], strict=True)]
         return ids, logprobs
 
     def _accept(
