@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# 13B split over two GPUs in one device call: the copy-rate ceiling, the worker group (MP=2,
+# graphs across ranks) with pipelined steps and with plain ones, their greedy tokens compared,
+# then the all-reduce of a decode step through NCCL and through symmetric memory.
+# Records in $OUT/results.json.
+#
+#   OUT=$OUT bash bench/run_mp2.sh          # carry [".whl", ".bench-assets"]; a 2-GPU kind
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=bench/device_env.sh
+. bench/device_env.sh
+R=$RESULTS
+step 40 ceilings python3 bench/ceilings.py --json "$R"
+write_checkpoint 13b
+step 100 "worker 13b MP=2, pipelined steps" python3 bench/bench_worker.py --ckpt-dir \
+  "$CKPT/13b" --nproc 2 --batches 1,16 --gen 32 --label _13b_mp2_graphs \
+  --dump-tokens "$OUT/mp2_pipelined.json" --json "$R"
+step 100 "worker 13b MP=2, plain steps" python3 bench/bench_worker.py --ckpt-dir "$CKPT/13b" \
+  --nproc 2 --batches 1,16 --gen 32 --no-pipeline --label _13b_mp2_graphs_plain_steps \
+  --dump-tokens "$OUT/mp2_plain.json" --json "$R"
+step 30 "pipelined vs plain tokens" python3 bench/compare_tokens.py "$OUT/mp2_plain.json" \
+  "$OUT/mp2_pipelined.json" --name tokens_equal_13b_mp2_pipelined_vs_plain --json "$R"
+step 120 "all-reduce" python3 bench/allreduce_bench.py --json "$R"
+echo "=== done ($(date -u +%T))"
