@@ -4,15 +4,15 @@
 # (batch 1 and 16) and the worker group with and without them.
 # Records in $OUT/results.json.
 #
-#   OUT=$OUT bash bench/run_pipeline.sh          # carry [".whl", ".bench-assets"]
+#   OUT=$OUT [FULL=1] bash bench/run_pipeline.sh   # carry [".whl", ".bench-assets"]
+# FULL=1 adds the other fast paths' GPU tests and the engine at batch 16.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/device_env.sh
 . bench/device_env.sh
 R=$RESULTS
 step 150 "GPU tests" python3 -m pytest -q -p no:cacheprovider -m gpu \
-  tests/test_engine_pipeline.py tests/test_fast_paths.py tests/test_cuda_graphs.py
-step 40 ceilings python3 bench/ceilings.py --json "$R"
+  tests/test_engine_pipeline.py ${FULL:+tests/test_fast_paths.py tests/test_cuda_graphs.py}
 write_checkpoint 7b
 step 90 "engine 7b b1" python3 bench/profile_engine.py --ckpt-dir "$CKPT/7b" --rows 1 \
   --steps 48 --json "$R"
@@ -23,6 +23,6 @@ step 90 "worker 7b, plain steps" python3 bench/bench_worker.py --ckpt-dir "$CKPT
   --json "$R"
 step 30 "pipelined vs plain tokens" python3 bench/compare_tokens.py "$OUT/plain.json" \
   "$OUT/pipelined.json" --name tokens_equal_7b_pipelined_vs_plain --json "$R"
-step 90 "engine 7b b16" python3 bench/profile_engine.py --ckpt-dir "$CKPT/7b" --rows 16 \
-  --json "$R"
+[ -n "${FULL:-}" ] && step 90 "engine 7b b16" python3 bench/profile_engine.py --ckpt-dir \
+  "$CKPT/7b" --rows 16 --json "$R"
 echo "=== done ($(date -u +%T))"
