@@ -175,6 +175,29 @@ def test_the_queued_forward_replaces_the_next_steps_own(tiny_model: Transformer)
         assert counts[1] == counts[0] + wasted, (requests, counts)
 
 
+def test_out_of_memory_in_the_queued_forward_leaves_the_step_to_the_plain_path(
+    tiny_model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(tiny_model, max_batch_size=1, max_seq_len=SEQ, device="cpu", pipeline=True)
+    engine.add(MIXED[2])
+    events = engine.step() + engine.step()  # prefill, then a decode that queues the next one
+    assert engine._ahead is not None
+    real = tiny_model.forward
+
+    def out_of_memory(tokens: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if tokens.shape[1] == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(tokens, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tiny_model, "forward", out_of_memory)
+    step = engine.step()  # uses the queued forward; queueing the next one runs out of memory
+    assert [type(e) for e in step] == [TokenEvent] and engine._ahead is None
+    monkeypatch.undo()
+    events += step + drain(engine)  # the next step decodes for itself, then queues again
+    alone = Engine(tiny_model, max_batch_size=1, max_seq_len=SEQ, device="cpu", pipeline=False)
+    _assert_same_events(events, _run(alone, {0: [_add(MIXED[2])]}))
+
+
 def _rank(rank: int, store: str, out_dir: str) -> None:
     """One of two ranks serving the same script with pipelined steps, as the worker does."""
     parallel.init_model_parallel(2, rank, "gloo", f"file://{store}", timeout_s=60)
