@@ -50,7 +50,12 @@ def init_model_parallel(
     )
     global _control_group
     _control_group = dist.new_group(backend="gloo", timeout=timeout)
-    # fairscale prints its group sizes to stdout, which may be a protocol pipe: keep it in the log.
+    _init_fairscale(world_size)
+
+
+def _init_fairscale(world_size: int) -> None:
+    """fairscale's model-parallel groups over the default group. It prints their sizes to stdout,
+    which may be a protocol pipe: keep that in the log."""
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         fs_init.initialize_model_parallel(world_size)
@@ -78,9 +83,7 @@ def init_simulated_rank(world_size: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        fs_init.initialize_model_parallel(world_size)
+    _init_fairscale(world_size)
 
 
 def is_initialized() -> bool:
