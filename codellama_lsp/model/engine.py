@@ -295,16 +295,10 @@ class Engine:
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode(self, events: list[Event]) -> None:
-        queued = self._take_ahead()
-        if queued is None:
-            rows = self._grow(list(self._running.values()), events)
-            if len(rows) == 1 and self._speculate(rows[0], events):
-                return
-            logits = self._decode_retrying(rows, events)
-            if logits is None:
-                return
-            queued = rows, logits
-        rows, logits = queued
+        step = self._take_ahead() or self._decode_now(events)
+        if step is None:
+            return
+        rows, logits = step
         for run in rows:
             run.slot.tokens.append(run.pending)
         chosen = self._choose(rows, logits)
@@ -313,6 +307,15 @@ class Engine:
         ids, logprobs = self._read_back(rows, copied)
         for run, token, logprob in zip(rows, ids, logprobs, strict=True):
             self._accept(run, token, logprob, events)
+
+    def _decode_now(self, events: list[Event]) -> tuple[list[_Running], torch.Tensor] | None:
+        """This step's own forward for the running rows that can grow; None when there is no
+        forward to sample from (a draft was checked instead, or every row failed)."""
+        rows = self._grow(list(self._running.values()), events)
+        if len(rows) == 1 and self._speculate(rows[0], events):
+            return None
+        logits = self._decode_retrying(rows, events)
+        return None if logits is None else (rows, logits)
 
     def _decode_retrying(self, rows: list[_Running], events: list[Event]) -> torch.Tensor | None:
         """The rows' decode forward; out of memory, the cached memory handed back once, then the
