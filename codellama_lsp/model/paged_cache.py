@@ -133,15 +133,14 @@ class PagedKVCache(LayerBuffers):
             return
         copies = [(c.page, c.copy_from) for c in changes if c.copy_from is not None]
         if copies:
-            dst = to_device([page for page, _ in copies], self.device)
-            src = to_device([source for _, source in copies], self.device)
+            dst, src = to_device(list(zip(*copies, strict=True)), self.device)
             for layer in range(self.n_layers):
                 for buf in self.layer(layer):
                     buf[dst] = buf[src]
         # In order, one entry at a time would be many tiny copies: later changes of the same
         # entry must win, so keep the last change per entry and write them all at once.
+        # One transfer of the entries: rows, columns and pages.
         last = {(c.slot, c.index): c.page for c in changes}
-        rows = to_device([s for s, _ in last], self.device)
-        cols = to_device([i for _, i in last], self.device)
-        pages = to_device(list(last.values()), self.device)
+        entries = [(slot, index, page) for (slot, index), page in last.items()]
+        rows, cols, pages = to_device(list(zip(*entries, strict=True)), self.device)
         self.table().index_put_((rows, cols), pages)
