@@ -14,13 +14,21 @@ hold the collectives as a real split's do). Tokens are meaningless (the all-redu
 only times count. Floor: the rank's weight bytes but the embedding shard, plus its K/V reads, at
 the copy rate measured in the same process.
 
+`--variants` times the fast path's kernel variants alternately in this one process (each with
+graphs of its own), `--rounds` times over: `fused` (the default: kernels launched as
+programmatic dependents, SwiGLU inside the w2 product, attention's spans merged by its split
+kernel), `no_pdl`, `no_gated`, `no_merge`, and `fifth` (the fifth session's kernels: none).
+
     python bench/rank_bench.py --model 13b --world 2 [--profile] [--json results.json]
+    python bench/rank_bench.py --model 7b --world 1 --variants fused,fifth --rounds 2
     python bench/rank_bench.py --tiny --world 2           # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 
 import ceilings
 import decode_loops as loops
@@ -29,9 +37,10 @@ import torch
 from common import Results, base_parser
 from random_weights import SHAPES
 
-from codellama_lsp.model import parallel
+from codellama_lsp.model import decode_attention, parallel, triton_support
 from codellama_lsp.model.args import ModelArgs
 from codellama_lsp.model.cuda_graphs import GraphedDecoder
+from codellama_lsp.model.fused import LayerOps
 from codellama_lsp.model.kv_pages import kv_bytes_per_token
 from codellama_lsp.model.transformer import Transformer, build_transformer
 
@@ -44,7 +53,33 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
     parser.add_argument("--batches", default="1", help="decode batches, e.g. 1,16")
     parser.add_argument("--profile", action="store_true", help="kernel table of a step")
+    parser.add_argument("--variants", default="fused", help=f"any of {','.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=1, help="alternations of the variants")
     return parser.parse_args()
+
+
+# name: (programmatic dependent launch, SwiGLU inside the w2 product, attention's spans merged
+# by its split kernel)
+VARIANTS = {
+    "fused": (True, True, True),
+    "no_pdl": (False, True, True),
+    "no_gated": (True, False, True),
+    "no_merge": (True, True, False),
+    "fifth": (False, False, False),
+}
+
+
+def use_variant(model: Transformer, fast_ops: LayerOps, name: str) -> None:
+    """The fast path's kernels as variant `name` (`VARIANTS`), for graphs recorded from now on."""
+    dependent, gated, merged = VARIANTS[name]
+    triton_support.set_dependent_launch(dependent)
+    model.ops = dataclasses.replace(
+        fast_ops,
+        gated_linear=fast_ops.gated_linear if gated else None,
+        decode_attention=fast_ops.decode_attention
+        if merged or fast_ops.decode_attention is None
+        else functools.partial(decode_attention.attend, merged=False),
+    )
 
 
 def random_rank_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -96,19 +131,26 @@ def main() -> None:
     ctx, steps = (24, 8) if run.tiny else (run.ctx, run.steps)
     cache = model.new_cache(max(batches), ctx + steps + 4)
     mode = "graphs" if device.type == "cuda" else "padded"
-    decoder = GraphedDecoder(model, cache, mode=mode, allow_collectives=True)
     prompts = torch.randint(3, args.vocab_size - 16, (max(batches), ctx), device=device)
     first = loops.prefill(model, cache, prompts)
     label = f"{shape}_mp{run.world}_rank" if run.world > 1 else f"{shape}_mp1"
-    for b in batches:
-        loops.decode(decoder.decode, first[:b], ctx, 2)  # records the graphs
-        timed = loops.decode(decoder.decode, first[:b], ctx, steps)
-        seconds = timed.seconds / steps
-        floor = rank_bytes(model, b, ctx + steps / 2) / copy
-        note = f"{seconds * 1e3:.3f} ms/step; floor {floor * 1e3:.3f} ms; ctx {ctx}; {mode}"
-        out.add(f"decode_{label}_b{b}", b / seconds, "tok/s", 100 * floor / seconds, note)
-        if run.profile:
-            profile_step.run(decoder.decode, first, ctx, out, label, rows=b)
+    fast_ops, variants = model.ops, run.variants.split(",")
+    for _ in range(run.rounds):
+        for variant in variants:
+            use_variant(model, fast_ops, variant)
+            decoder = GraphedDecoder(model, cache, mode=mode, allow_collectives=True)
+            suffix = "" if variants == ["fused"] else f"_{variant}"
+            for b in batches:
+                loops.decode(decoder.decode, first[:b], ctx, 2)  # records the graphs
+                timed = loops.decode(decoder.decode, first[:b], ctx, steps)
+                seconds = timed.seconds / steps
+                floor = rank_bytes(model, b, ctx + steps / 2) / copy
+                note = f"{seconds * 1e3:.3f} ms/step; floor {floor * 1e3:.3f} ms; ctx {ctx}; {mode}"
+                tok_s, pct = b / seconds, 100 * floor / seconds
+                out.add(f"decode_{label}_b{b}{suffix}", tok_s, "tok/s", pct, note)
+                if run.profile:
+                    profile_step.run(decoder.decode, first, ctx, out, label + suffix, rows=b)
+            del decoder
     out.finish()
     parallel.shutdown()
 

@@ -106,6 +106,51 @@ def test_linear_sends_only_one_row_products_to_the_kernel() -> None:
         gemv.gemv(rows, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(48, 256), (37, 300), (33, 1000)])
+def test_gated_gemv_computes_the_swiglu_feed_forwards_second_product(
+    n: int, k: int, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(n + k)
+    gate_up = (3 * torch.randn(1, 1, 2 * k, generator=g)).to(DEVICE, dtype)  # w13's output
+    w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    hidden = fused.silu_mul(gate, up)  # rounded to dtype, as the kernel rounds it
+    want = F.linear(hidden.double(), w.double()).cpu()
+    # bf16: the output's rounding, and the interpreter's truncating casts of the hidden state
+    tolerance = 1e-6 if dtype == torch.float32 else 1.5e-2
+    for config in [None, *GPU_CONFIGS]:
+        got = gemv.gemv(gate_up, w, config, gated=True)
+        assert got.shape == (1, 1, n) and got.dtype == dtype
+        assert _rel_err(got, want) < tolerance, config
+    with pytest.raises(ValueError, match="one row of"):
+        gemv.gemv(gate, w, gated=True)  # half the width
+
+
+def test_gated_linear_takes_the_kernel_for_one_row_and_the_separate_swiglu_for_more() -> None:
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 64, generator=g).to(DEVICE)
+    rows = torch.randn(3, 128, generator=g).to(DEVICE)
+    want = F.linear(fused.silu_mul(*rows.chunk(2, dim=-1)), w)
+    torch.testing.assert_close(layer_kernels.gated_linear(rows, w), want)
+    one = rows[1:2]
+    got = layer_kernels.gated_linear(one, w)
+    torch.testing.assert_close(got, want[1:2], rtol=1e-5, atol=1e-5)
+    assert gemv.one_row_for_kernel(one, w, gated=True)
+    assert not gemv.one_row_for_kernel(one, w)  # the gated width is not the weight's
+
+
+def test_dependent_launch_is_for_cuda_devices_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert not triton_support.dependent_launch(cpu)
+    assert triton_support.launch_options(cpu) == {"PDL": False}
+    monkeypatch.setitem(triton_support._DEPENDENT_LAUNCH, "enabled", True)
+    triton_support.set_dependent_launch(False)
+    assert triton_support._DEPENDENT_LAUNCH == {"enabled": False}
+    if ON_GPU:
+        assert triton_support.launch_options(DEVICE) == {"PDL": False}
+
+
 @cpu_only
 def test_without_the_interpreter_the_cpu_keeps_aten(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -154,8 +199,15 @@ def _reference_attention(
     ],
 )
 @pytest.mark.parametrize("streaming", [False, True])  # launch_for's two shapes
+@pytest.mark.parametrize("merged", [True, False])  # spans merged by the last program, or after
 def test_decode_attention_writes_the_new_keys_and_attends_as_softmax(
-    heads: int, kv_heads: int, page_size: int, kv_len: int, dtype: torch.dtype, streaming: bool
+    heads: int,
+    kv_heads: int,
+    page_size: int,
+    kv_len: int,
+    dtype: torch.dtype,
+    streaming: bool,
+    merged: bool,
 ) -> None:
     g = torch.Generator().manual_seed(kv_len)
     rows, d = 3, 32
@@ -176,11 +228,27 @@ def test_decode_attention_writes_the_new_keys_and_attends_as_softmax(
     want_keys[at], want_values[at] = k[:, 0], v[:, 0]
     on = [t.to(DEVICE) for t in (q, k, v, keys, values, page_rows, start_pos)]
     launch = decode_attention.launch_for(16, 100_000 if streaming else 1)
-    got = decode_attention.attend(*on[:6], page_size, on[6], kv_len, launch=launch)
-    want = _reference_attention(q, want_keys, want_values, page_rows, page_size, start_pos)
-    assert got.shape == q.shape and got.dtype == dtype
-    assert _rel_err(got, want) < (1e-6 if dtype == torch.float32 else 8e-3)
-    assert torch.equal(on[3].cpu(), want_keys) and torch.equal(on[4].cpu(), want_values)
+    for _ in range(2):  # the second launch counts spans from the zeros the first one left
+        got = decode_attention.attend(
+            *on[:6], page_size, on[6], kv_len, launch=launch, merged=merged
+        )
+        want = _reference_attention(q, want_keys, want_values, page_rows, page_size, start_pos)
+        assert got.shape == q.shape and got.dtype == dtype
+        assert _rel_err(got, want) < (1e-6 if dtype == torch.float32 else 8e-3)
+        assert torch.equal(on[3].cpu(), want_keys) and torch.equal(on[4].cpu(), want_values)
+        counters = decode_attention.finished_counters(DEVICE, rows * heads)
+        assert not counters.any(), "a (row, head)'s counter left behind"
+
+
+def test_finished_counters_are_one_buffer_per_device_never_shrunk_or_freed() -> None:
+    first = decode_attention.finished_counters(DEVICE, 8)
+    assert first.numel() >= decode_attention.MIN_COUNTERS and first.dtype == torch.int32
+    assert decode_attention.finished_counters(DEVICE, 100) is first
+    larger = decode_attention.finished_counters(DEVICE, first.numel() + 1)
+    assert larger.numel() > first.numel() and not larger.any()
+    held = decode_attention._COUNTERS[DEVICE]
+    assert held[-2] is first and held[-1] is larger  # graphs may still hold the first
+    held.pop()
 
 
 @pytest.mark.parametrize(
@@ -342,6 +410,7 @@ def kernel_model(single_process: None, tiny_state_dict: StateDict) -> Transforme
     model.fuse_projections()
     model.use_compiled_ops(False)  # triton_kernels: the interpreter counts as available
     assert model.ops.decode_attention is not None and model.ops.linear is gemv.linear
+    assert model.ops.gated_linear is layer_kernels.gated_linear
     return model.eval()
 
 

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from codellama_lsp.model.triton_support import cdiv, page_strides, triton_module
+from codellama_lsp.model.triton_support import (
+    cdiv,
+    grid_dependency_control,
+    launch_options,
+    page_strides,
+    triton_module,
+)
 
 HEADS_PER_PROGRAM = 4
 
@@ -59,6 +65,7 @@ def write(
         HEADS=HEADS_PER_PROGRAM,
         D=d,
         num_warps=2,
+        **launch_options(k.device),
     )
 
 
@@ -67,6 +74,7 @@ def _kernel() -> Any:
     """The jitted kernel, made at first use (see `triton_support`)."""
     triton = triton_module()
     tl = triton.language
+    gdc_wait, gdc_launch_dependents = grid_dependency_control()
 
     @triton.jit(do_not_specialize=["t", "page_size"])  # type: ignore[misc]
     def write_kernel(
@@ -94,7 +102,11 @@ def _kernel() -> Any:
         H_KV: tl.constexpr,  # type: ignore[name-defined]
         HEADS: tl.constexpr,  # type: ignore[name-defined]
         D: tl.constexpr,  # type: ignore[name-defined]
+        PDL: tl.constexpr,  # type: ignore[name-defined]
     ):
+        if PDL:  # see `triton_support.dependent_launch`
+            gdc_wait()
+            gdc_launch_dependents()
         token = tl.program_id(0)
         row, col = token // t, token % t
         pos = tl.load(start_ptr + row) + col

@@ -1,4 +1,5 @@
-"""A layer's other elementwise work as Triton kernels: residual add + RMSNorm, and SwiGLU.
+"""A layer's other elementwise work as Triton kernels: residual add + RMSNorm, and SwiGLU
+(alone, or read by the feed-forward's second product as it goes: `gated_linear`).
 
 Why: as `torch.compile`'d functions these were one GPU kernel each, but every call also ran
 dynamo's guards and wrappers on the host, ~100-200 us each (BENCHMARKS.md run 13's prefill
@@ -16,12 +17,15 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from codellama_lsp.model import fused
+from codellama_lsp.model import fused, gemv
 from codellama_lsp.model.triton_support import (
     available,
     cdiv,
     flat_stride,
+    grid_dependency_control,
+    launch_options,
     next_pow2,
     triton_module,
 )
@@ -38,7 +42,16 @@ def add_rms_norm(
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     _kernels()[0][(rows,)](
-        x, delta, weight, h, normed, eps, dim, BLOCK=next_pow2(dim), num_warps=_warps(dim)
+        x,
+        delta,
+        weight,
+        h,
+        normed,
+        eps,
+        dim,
+        BLOCK=next_pow2(dim),
+        num_warps=_warps(dim),
+        **launch_options(x.device),
     )
     return h, normed
 
@@ -55,8 +68,21 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
     grid = (rows, cdiv(width, block))
-    _kernels()[1][grid](gate, up, out, gate_stride, up_stride, width, BLOCK=block)
+    _kernels()[1][grid](
+        gate, up, out, gate_stride, up_stride, width, BLOCK=block, **launch_options(gate.device)
+    )
     return out
+
+
+def gated_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`F.linear(silu_mul(gate, up), w)` for `x = [gate, up]` along the last dim (w13's output):
+    the SwiGLU feed-forward's second product. One row goes through `gemv`, which computes the
+    hidden state as it reads it, so a decode step has no separate SwiGLU kernel; more rows
+    through the SwiGLU kernel, then cuBLAS."""
+    if gemv.one_row_for_kernel(x, w, gated=True):
+        return gemv.gemv(x, w, gated=True)
+    gate, up = x.chunk(2, dim=-1)
+    return F.linear(silu_mul(gate, up), w)
 
 
 def _rows_ok(*tensors: torch.Tensor) -> bool:
@@ -72,6 +98,7 @@ def _kernels() -> tuple[Any, Any]:
     """The jitted kernels, made at first use (see `triton_support`)."""
     triton = triton_module()
     tl = triton.language
+    gdc_wait, gdc_launch_dependents = grid_dependency_control()
 
     @triton.jit  # type: ignore[misc]
     def add_rms_norm_kernel(
@@ -83,7 +110,11 @@ def _kernels() -> tuple[Any, Any]:
         eps,
         dim,
         BLOCK: tl.constexpr,  # type: ignore[name-defined]
+        PDL: tl.constexpr,  # type: ignore[name-defined]
     ):
+        if PDL:  # see `triton_support.dependent_launch`
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < dim
@@ -108,7 +139,11 @@ def _kernels() -> tuple[Any, Any]:
         stride_up,
         width,
         BLOCK: tl.constexpr,  # type: ignore[name-defined]
+        PDL: tl.constexpr,  # type: ignore[name-defined]
     ):
+        if PDL:  # see `triton_support.dependent_launch`
+            gdc_wait()
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < width

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from codellama_lsp.model import fused
-from codellama_lsp.model.triton_support import available, cdiv, flat_stride, triton_module
+from codellama_lsp.model.triton_support import (
+    available,
+    cdiv,
+    flat_stride,
+    grid_dependency_control,
+    launch_options,
+    triton_module,
+)
 
 HEADS_PER_PROGRAM = 2
 
@@ -52,6 +59,7 @@ def rope_qk(
         HEADS=HEADS_PER_PROGRAM,
         HALF=d // 2,
         num_warps=1,
+        **launch_options(q.device),
     )
     return q_out, k_out
 
@@ -70,6 +78,7 @@ def _kernel() -> Any:
     """The jitted kernel, made at first use (see `triton_support`)."""
     triton = triton_module()
     tl = triton.language
+    gdc_wait, gdc_launch_dependents = grid_dependency_control()
 
     # One program: HEADS heads of one token, of the queries (the first q_blocks programs of a
     # token) or of the keys. Whole heads are loaded contiguously and split into (re, im) pairs.
@@ -87,7 +96,11 @@ def _kernel() -> Any:
         H_KV: tl.constexpr,  # type: ignore[name-defined]
         HEADS: tl.constexpr,  # type: ignore[name-defined]
         HALF: tl.constexpr,  # type: ignore[name-defined]
+        PDL: tl.constexpr,  # type: ignore[name-defined]
     ):
+        if PDL:  # see `triton_support.dependent_launch`
+            gdc_wait()
+            gdc_launch_dependents()
         token, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
         pairs = tl.arange(0, HALF)
         cos = tl.load(table_ptr + token * 2 * HALF + 2 * pairs)[None, :]

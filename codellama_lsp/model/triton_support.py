@@ -4,6 +4,14 @@ Triton comes with PyTorch's CUDA builds; CPU-only installs may lack it. Its inte
 (`TRITON_INTERPRET=1`) runs the same kernels on CPU tensors, which is how the CPU tests check
 their indexing and math. Kernels are defined at first use, so importing a kernel module needs no
 Triton and the interpreter setting is read when the kernel is made.
+
+Programmatic dependent launch (`dependent_launch`): on Hopper and later, a kernel launched with
+it may start while the kernel before it finishes. A decode step is a chain of ~300-500 short
+kernels, each of which would otherwise start only after its predecessor drained and its own
+launch was scheduled. Every kernel here waits for its predecessor (`gdc_wait`) before it lets
+the next one launch, so when a kernel starts, all kernels but the one just before it have
+finished: before its wait it may read what those wrote (weights, positions, page tables, the
+cache's earlier keys), never what the kernel just before writes, and it stores nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +44,61 @@ def available(device: torch.device) -> bool:
     if triton_module() is None:
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+_DEPENDENT_LAUNCH = {"enabled": True}
+
+
+def set_dependent_launch(enabled: bool) -> None:
+    """Turn programmatic dependent launch on or off for kernels made and launched from now on
+    (benchmarks compare both; kernels made before keep their compiled variant cached)."""
+    _DEPENDENT_LAUNCH["enabled"] = enabled
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether kernels on `device` launch as programmatic dependents of the kernel before them:
+    a CUDA device of compute capability 9.0 or later (Hopper), a Triton that can launch so, and
+    not its interpreter (which has no such launch)."""
+    if not _DEPENDENT_LAUNCH["enabled"] or device.type != "cuda" or interpreting():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_major(index) >= 9 and _triton_launches_dependents()
+
+
+def launch_options(device: torch.device) -> dict[str, bool]:
+    """A kernel launch's `PDL` argument (the kernel waits for its predecessor where it must)
+    and, when on, Triton's `launch_pdl` option."""
+    if dependent_launch(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+def grid_dependency_control() -> tuple[Any, Any]:
+    """Triton's `gdc_wait` and `gdc_launch_dependents`, for kernels launched as dependents (their
+    `PDL` argument): wait for the kernel before to finish with its writes visible, then let the
+    next kernel launch. A kernel calls them before its first read of an earlier kernel's output
+    and its first store. Where Triton lacks them (`dependent_launch` is then off), stand-ins
+    that are never called."""
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:
+        return None, None
+    return gdc_wait, gdc_launch_dependents
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
+def _triton_launches_dependents() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def cdiv(a: int, b: int) -> int:

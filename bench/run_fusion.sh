@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Dependent launches and SwiGLU inside the w2 product, on one GPU, in one device call: the
+# kernels' GPU tests (compiled with programmatic dependent launch), the fast paths' GPU tests,
+# the one-row products' micro-benchmarks, then batch-1 decode with the kernel variants
+# alternately in one process (`rank_bench.py --variants`): 7B and 13B whole, and one rank of
+# 13B MP=2 (its collectives faked), each with a kernel table; 7B's greedy agreement of the fast
+# path with the eager one (`bench_model.py --exact-batches`).
+# Records in $OUT/results.json.
+#
+#   OUT=$OUT bash bench/run_fusion.sh [--no-model]   # carry [".whl", ".bench-assets"]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=bench/device_env.sh
+. bench/device_env.sh
+R=$RESULTS
+python3 -c 'import triton; print("triton", triton.__version__)'
+step 200 "GPU tests" python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+  tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
+V=fused,fifth,no_pdl,no_gated,no_merge
+step 120 "13b MP=2 rank variants" python3 bench/rank_bench.py --model 13b --world 2 \
+  --variants fused,fifth --rounds 2 --profile --json "$R"
+step 90 "7b variants" python3 bench/rank_bench.py --model 7b --world 1 --variants $V \
+  --rounds 2 --json "$R"
+step 90 "gemv fusion" python3 bench/gemv_bench.py --fusion --json "$R"
+step 90 "13b variants" python3 bench/rank_bench.py --model 13b --world 1 \
+  --variants fused,fifth --rounds 2 --json "$R"
+if [ "${1:-}" != --no-model ]; then
+  write_checkpoint 7b
+  step 200 "7b fast vs eager" python3 bench/bench_model.py --model 7b --quick --batches 1,16 \
+    --exact-batches 1,16 --skip prefill,plain_engine --json "$R"
+fi
+echo "=== done ($(date -u +%T))"
