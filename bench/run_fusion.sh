@@ -16,7 +16,7 @@ R=$RESULTS
 python3 -c 'import triton; print("triton", triton.__version__)'
 step 200 "GPU tests" python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
   tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
-V=fused,fifth,no_pdl,no_gated,no_merge
+V=fused,fifth,no_pdl,no_gated,no_merge,long_spans
 step 120 "13b MP=2 rank variants" python3 bench/rank_bench.py --model 13b --world 2 \
   --variants fused,fifth --rounds 2 --profile --json "$R"
 step 90 "7b variants" python3 bench/rank_bench.py --model 7b --world 1 --variants $V \

@@ -278,9 +278,12 @@ def test_kv_write_stores_each_token_in_its_page(
 
 
 def test_attention_launch_by_the_positions_a_step_reads() -> None:
-    narrow = decode_attention.launch_for(16, 528)
-    assert decode_attention.launch_for(1, 528).block_t == 32 and narrow.block_t == 16
+    narrow, short = decode_attention.launch_for(16, 528), decode_attention.launch_for(1, 528)
+    assert short.block_t == 32 and narrow.block_t == 16
     assert narrow.stages is None and decode_attention.launch_for(1, 16384).stages == 3
+    # Short steps: one block per program (all of it read before the wait for the kernel before)
+    assert short.min_span == short.block_t and narrow.min_span == decode_attention.MIN_SPAN
+    assert decode_attention.span_for(1, 32, 528, short.target, 32, short.min_span) == 32
 
 
 def test_spans_cover_every_position_in_block_multiples() -> None:
