@@ -43,6 +43,7 @@ from codellama_lsp.model import decode_attention, parallel, triton_support
 from codellama_lsp.model.args import ModelArgs
 from codellama_lsp.model.cuda_graphs import GraphedDecoder
 from codellama_lsp.model.fused import LayerOps
+from codellama_lsp.model.kv_cache import KVCache
 from codellama_lsp.model.kv_pages import kv_bytes_per_token
 from codellama_lsp.model.transformer import Transformer, build_transformer
 
@@ -57,6 +58,13 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="kernel table of a step")
     parser.add_argument("--variants", default="fused", help=f"any of {','.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=1, help="alternations of the variants")
+    parser.add_argument(
+        "--exact-prompts",
+        type=int,
+        default=0,
+        help="whole models (--world 1): greedy tokens of each variant against the eager path, "
+        "this many prompts decoded one at a time (batch 1: the one-row kernels)",
+    )
     return parser.parse_args()
 
 
@@ -141,7 +149,8 @@ def main() -> None:
     model.use_compiled_ops(device.type == "cuda")
     batches = [int(b) for b in run.batches.split(",")]
     ctx, steps = (24, 8) if run.tiny else (run.ctx, run.steps)
-    cache = model.new_cache(max(batches), ctx + steps + 4)
+    exact_steps = EXACT_STEPS if run.exact_prompts else 0
+    cache = model.new_cache(max(batches), ctx + max(steps, exact_steps) + 4)
     mode = "graphs" if device.type == "cuda" else "padded"
     prompts = torch.randint(3, args.vocab_size - 16, (max(batches), ctx), device=device)
     first = loops.prefill(model, cache, prompts)
@@ -163,8 +172,55 @@ def main() -> None:
                 if run.profile:
                     profile_step.run(decoder.decode, first, ctx, out, label + suffix, rows=b)
             del decoder
+    if run.exact_prompts and run.world == 1:
+        agreement(model, cache, fast_ops, variants, run.exact_prompts, ctx, out, label, mode)
     out.finish()
     parallel.shutdown()
+
+
+EXACT_STEPS = 32
+
+
+def agreement(
+    model: Transformer,
+    cache: KVCache,
+    fast_ops: LayerOps,
+    variants: list[str],
+    prompts: int,
+    ctx: int,
+    out: Results,
+    label: str,
+    mode: str,
+    steps: int = EXACT_STEPS,
+) -> None:
+    """Greedy tokens of each variant's graphed batch-1 steps against the eager path's (the
+    reference's math), `prompts` random prompts each decoded `steps` tokens in slot 0: rows
+    equal, or first differing at a near-tie (`decode_loops.compare`)."""
+    device = model.norm.weight.device
+    gen = torch.Generator(device=device).manual_seed(1)
+    runs: dict[str, list[loops.Run]] = {name: [] for name in ["eager", *variants]}
+    for _ in range(prompts):
+        prompt = torch.randint(
+            3, model.args.vocab_size - 16, (1, ctx), generator=gen, device=device
+        )
+        model.ops = LayerOps.eager()
+        first = loops.prefill(model, cache, prompt)
+        runs["eager"].append(loops.decode(loops.eager_step(model, cache), first, ctx, steps, True))
+        for name in variants:
+            use_variant(model, fast_ops, name)
+            decoder = GraphedDecoder(model, cache, mode=mode, allow_collectives=True)
+            runs[name].append(loops.decode(decoder.decode, first, ctx, steps, keep=True))
+    for name in variants:
+        found = [loops.compare(e, f) for e, f in zip(runs["eager"], runs[name], strict=True)]
+        equal, ties = sum(a.rows_equal for a in found), sum(a.ties for a in found)
+        wider = sum(a.mismatches for a in found)
+        gap = max(a.worst_gap_ulps for a in found)
+        note = (
+            f"{prompts} prompts x {steps} greedy steps: {equal} equal, {ties} first differ at "
+            f"a near-tie (<= {loops.TIE_ULPS} bf16 ulps), {wider} wider; largest gap {gap:.1f}"
+        )
+        value = 100 * (equal + ties) / prompts
+        out.add(f"greedy_{label}_{name}_vs_eager", value, "% rows", None, note)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 # kernels' GPU tests (compiled with programmatic dependent launch), the fast paths' GPU tests,
 # the one-row products' micro-benchmarks, then batch-1 decode with the kernel variants
 # alternately in one process (`rank_bench.py --variants`): 7B and 13B whole, and one rank of
-# 13B MP=2 (its collectives faked), each with a kernel table; 7B's greedy agreement of the fast
-# path with the eager one (`bench_model.py --exact-batches`).
+# 13B MP=2 (its collectives faked), each with a kernel table; 7B's greedy tokens of each variant
+# against the eager path's (`--exact-prompts`); with a checkpoint (unless --no-model), 7B's fast
+# path against the eager one at batch 1 and 16 (`bench_model.py --exact-batches`).
 # Records in $OUT/results.json.
 #
 #   OUT=$OUT bash bench/run_fusion.sh [--no-model]   # carry [".whl", ".bench-assets"]
@@ -14,14 +15,14 @@ cd "$(dirname "$0")/.."
 . bench/device_env.sh
 R=$RESULTS
 python3 -c 'import triton; print("triton", triton.__version__)'
-step 200 "GPU tests" python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+step 150 "GPU tests" python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
   tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
 V=fused,fifth,no_pdl,no_gated,no_merge,long_spans
 step 120 "13b MP=2 rank variants" python3 bench/rank_bench.py --model 13b --world 2 \
   --variants fused,fifth --rounds 2 --profile --json "$R"
-step 90 "7b variants" python3 bench/rank_bench.py --model 7b --world 1 --variants $V \
-  --rounds 2 --json "$R"
-step 90 "gemv fusion" python3 bench/gemv_bench.py --fusion --json "$R"
+step 150 "7b variants" python3 bench/rank_bench.py --model 7b --world 1 --variants $V \
+  --rounds 2 --exact-prompts 8 --json "$R"
+step 80 "gemv fusion" python3 bench/gemv_bench.py --fusion --json "$R"
 step 90 "13b variants" python3 bench/rank_bench.py --model 13b --world 1 \
   --variants fused,fifth --rounds 2 --json "$R"
 if [ "${1:-}" != --no-model ]; then
