@@ -15,13 +15,15 @@ cd "$(dirname "$0")/.."
 . bench/device_env.sh
 R=$RESULTS
 python3 -c 'import triton; print("triton", triton.__version__)'
-step 120 "GPU tests" python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
-  tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
-V=fifth,fused,no_pdl,no_gated,no_merge,long_spans
-step 120 "13b MP=2 rank variants" python3 bench/rank_bench.py --model 13b --world 2 \
+# In order of need: a cut-off run keeps what it finished (records are written at once).
+step 100 "7b fifth vs fused" python3 bench/rank_bench.py --model 7b --world 1 \
+  --variants fifth,fused --rounds 2 --exact-prompts 6 --json "$R"
+step 100 "13b MP=2 rank variants" python3 bench/rank_bench.py --model 13b --world 2 \
   --variants fifth,fused --rounds 2 --profile --json "$R"
-step 150 "7b variants" python3 bench/rank_bench.py --model 7b --world 1 --variants $V \
-  --rounds 2 --exact-prompts 8 --json "$R"
+step 120 "GPU tests" python3 -m pytest -q -p no:cacheprovider -x tests/test_triton_kernels.py \
+  tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
+step 100 "7b variants" python3 bench/rank_bench.py --model 7b --world 1 \
+  --variants no_pdl,no_gated,no_merge,long_spans,fused --rounds 2 --json "$R"
 step 60 "gemv fusion" python3 bench/gemv_bench.py --fusion --json "$R"
 if [ "${1:-}" != --no-model ]; then
   step 90 "13b variants" python3 bench/rank_bench.py --model 13b --world 1 \
