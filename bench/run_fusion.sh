@@ -16,11 +16,13 @@ cd "$(dirname "$0")/.."
 R=$RESULTS
 python3 -c 'import triton; print("triton", triton.__version__)'
 # In order of need: a cut-off run keeps what it finished (records are written at once).
-step 100 "7b fifth vs fused" python3 bench/rank_bench.py --model 7b --world 1 \
-  --variants fifth,fused --rounds 2 --exact-prompts 6 --json "$R"
-step 100 "13b MP=2 rank variants" python3 bench/rank_bench.py --model 13b --world 2 \
+step 90 "7b fifth vs fused" python3 bench/rank_bench.py --model 7b --world 1 \
+  --variants fifth,fused --rounds 2 --exact-prompts 4 --json "$R"
+step 90 "13b MP=2 rank variants" python3 bench/rank_bench.py --model 13b --world 2 \
   --variants fifth,fused --rounds 2 --profile --json "$R"
-step 120 "GPU tests" python3 -m pytest -q -p no:cacheprovider -x tests/test_triton_kernels.py \
+step 60 "GPU tests, kernels" python3 -m pytest -q -p no:cacheprovider -x \
+  tests/test_triton_kernels.py
+step 90 "GPU tests, fast paths" python3 -m pytest -q -p no:cacheprovider -x -m gpu \
   tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
 step 100 "7b variants" python3 bench/rank_bench.py --model 7b --world 1 \
   --variants no_pdl,no_gated,no_merge,long_spans,fused --rounds 2 --json "$R"
