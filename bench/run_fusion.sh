@@ -8,7 +8,8 @@
 # path against the eager one at batch 1 and 16 (`bench_model.py --exact-batches`).
 # Records in $OUT/results.json.
 #
-#   OUT=$OUT bash bench/run_fusion.sh [--no-model]   # carry [".whl", ".bench-assets"]
+#   OUT=$OUT bash bench/run_fusion.sh [--no-model | --quick]  # carry [".whl", ".bench-assets"]
+# --quick: the first two steps only, 7B's greedy check on 2 prompts (little device time left).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/device_env.sh
@@ -16,10 +17,13 @@ cd "$(dirname "$0")/.."
 R=$RESULTS
 python3 -c 'import triton; print("triton", triton.__version__)'
 # In order of need: a cut-off run keeps what it finished (records are written at once).
+QUICK=$([ "${1:-}" = --quick ] && echo 1 || true)
 step 90 "7b fifth vs fused" python3 bench/rank_bench.py --model 7b --world 1 \
-  --variants fifth,fused --rounds 2 --exact-prompts 4 --json "$R"
+  --variants fifth,fused --rounds 2 --exact-prompts "$([ -n "$QUICK" ] && echo 2 || echo 4)" \
+  --json "$R"
 step 90 "13b MP=2 rank variants" python3 bench/rank_bench.py --model 13b --world 2 \
-  --variants fifth,fused --rounds 2 --profile --json "$R"
+  --variants fifth,fused --rounds 2 $([ -z "$QUICK" ] && echo --profile) --json "$R"
+[ -n "$QUICK" ] && { echo "=== done, quick ($(date -u +%T))"; exit 0; }
 step 60 "GPU tests, kernels" python3 -m pytest -q -p no:cacheprovider -x \
   tests/test_triton_kernels.py
 step 90 "GPU tests, fast paths" python3 -m pytest -q -p no:cacheprovider -x -m gpu \
