@@ -5,8 +5,7 @@ beside `codellama_lsp.model.gemv`'s Triton kernel (a sweep of launch shapes, and
 Each timing replays a CUDA graph of products over enough distinct weights (>= 2 GiB) that none
 is served from L2. Then the whole 7B chain (32 layers' wqkv, wo, w13, w2 and the output head,
 every weight distinct) in one graph: the GEMV part of a decode step, against its floor.
-`--fusion`: that chain launched with and without programmatic dependent launch, and the
-feed-forward's second product reading SwiGLU itself (`gated`) against SwiGLU's kernel first.
+`--fusion`: that chain launched with and without programmatic dependent launch.
 
     python bench/gemv_bench.py [--json results.json] [--quick | --fusion]
 """
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from ceilings import copy_rate
 from common import Results, base_parser
 
-from codellama_lsp.model import gemv, layer_kernels, triton_support
+from codellama_lsp.model import gemv, triton_support
 
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -224,47 +223,12 @@ def chain_7b(copy: float, out: Results, cublas: bool = True, label: str = "trito
     torch.cuda.empty_cache()
 
 
-GATED_SHAPES = [("7b_w2", 4096, 11008), ("13b_w2", 5120, 13824), ("13b_mp2_w2", 5120, 6912)]
-GATED_CONFIGS = [
-    gemv.GemvConfig(4, 512, 8, 3),
-    gemv.GemvConfig(8, 512, 8, 3),
-    gemv.GemvConfig(8, 256, 4, 3),
-    gemv.GemvConfig(16, 256, 4, 3),
-    gemv.GemvConfig(4, 1024, 4, 3),
-]
-
-
 def chain_launches(copy: float, out: Results) -> None:
     """The 7B chain with each product launched as a programmatic dependent and without."""
     for dependent in (False, True, False, True):
         triton_support.set_dependent_launch(dependent)
         chain_7b(copy, out, cublas=False, label="pdl" if dependent else "plain_launch")
     triton_support.set_dependent_launch(True)
-
-
-def gated_products(copy: float, out: Results) -> None:
-    """w2 of `[gate, up]`: SwiGLU inside the product (launch shapes) against its own kernel."""
-    device = torch.device("cuda")
-    for name, n, k in GATED_SHAPES:
-        nbytes = n * k * 2
-        ws = weights(n, k, max(2, math.ceil(MIN_BYTES / nbytes)), device)
-        gate_up = torch.randn(1, 2 * k, device=device, dtype=torch.bfloat16)
-
-        def separate(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return gemv.gemv(layer_kernels.silu_mul(*x.chunk(2, dim=-1)), w)
-
-        timed = {"separate": time_products(separate, gate_up, ws)}
-        for cfg in [gemv.config_for(n, k), *GATED_CONFIGS]:
-            label = f"gated_n{cfg.block_n}_k{cfg.block_k}_w{cfg.warps}_s{cfg.stages}"
-            timed[label] = time_products(
-                lambda x, w, c=cfg: gemv.gemv(x, w, c, gated=True), gate_up, ws
-            )
-        for label, seconds in timed.items():
-            rate = nbytes / seconds
-            note = f"{seconds * 1e6:.2f} us per product (SwiGLU included)"
-            out.add(f"gemv_{name}_{label}", rate / 1e9, "GB/s", 100 * rate / copy, note)
-        del ws
-        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -277,7 +241,7 @@ def main() -> None:
     )
     parser.add_argument("--attention", action="store_true", help="only decode attention")
     parser.add_argument(
-        "--fusion", action="store_true", help="only dependent launches and SwiGLU in w2"
+        "--fusion", action="store_true", help="only the chain with and without dependent launch"
     )
     run = parser.parse_args()
     device = torch.device(run.device)
@@ -294,7 +258,6 @@ def main() -> None:
         return
     if run.fusion:
         chain_launches(copy, out)
-        gated_products(copy, out)
         out.finish()
         return
     if run.attention_b1:

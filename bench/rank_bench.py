@@ -16,9 +16,8 @@ the copy rate measured in the same process.
 
 `--variants` times the fast path's kernel variants alternately in this one process (each with
 graphs of its own), `--rounds` times over: `fused` (the default: kernels launched as
-programmatic dependents, SwiGLU inside the w2 product, attention's spans merged by its split
-kernel, one block of positions per attention program in short steps), `no_pdl`, `no_gated`,
-`no_merge`, `long_spans`, and `fifth` (the fifth session's kernels: none of these).
+programmatic dependents, attention's spans merged by its split kernel), `no_pdl`, `no_merge`,
+and `fifth` (the fifth session's kernels: neither).
 
     python bench/rank_bench.py --model 13b --world 2 [--profile] [--json results.json]
     python bench/rank_bench.py --model 7b --world 1 --variants fused,fifth --rounds 2
@@ -30,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-from typing import Any
 
 import ceilings
 import decode_loops as loops
@@ -68,38 +66,23 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-# name: (programmatic dependent launch, SwiGLU inside the w2 product, attention's spans merged
-# by its split kernel, one block of positions per attention program in short steps)
+# name: (programmatic dependent launch, attention's spans merged by its split kernel)
 VARIANTS = {
-    "fused": (True, True, True, True),
-    "no_pdl": (False, True, True, True),
-    "no_gated": (True, False, True, True),
-    "no_merge": (True, True, False, True),
-    "long_spans": (True, True, True, False),
-    "fifth": (False, False, False, False),
+    "fused": (True, True),
+    "no_pdl": (False, True),
+    "no_merge": (True, False),
+    "fifth": (False, False),
 }
 
 
 def use_variant(model: Transformer, fast_ops: LayerOps, name: str) -> None:
     """The fast path's kernels as variant `name` (`VARIANTS`), for graphs recorded from now on."""
-    dependent, gated, merged, short_spans = VARIANTS[name]
+    dependent, merged = VARIANTS[name]
     triton_support.set_dependent_launch(dependent)
     attend = fast_ops.decode_attention
-    if attend is not None and not (merged and short_spans):
-        attend = functools.partial(attention_as_before, merged=merged, short_spans=short_spans)
-    model.ops = dataclasses.replace(
-        fast_ops, gated_linear=fast_ops.gated_linear if gated else None, decode_attention=attend
-    )
-
-
-def attention_as_before(*args: Any, merged: bool, short_spans: bool) -> torch.Tensor:
-    """`decode_attention.attend`, its spans merged by a second kernel unless `merged`, and
-    unless `short_spans` with spans of at least `MIN_SPAN` positions in short steps too."""
-    q, kv_len = args[0], args[8]
-    launch = decode_attention.launch_for(q.shape[0], kv_len)
-    if not short_spans:
-        launch = dataclasses.replace(launch, min_span=decode_attention.MIN_SPAN)
-    return decode_attention.attend(*args, launch=launch, merged=merged)  # type: ignore[arg-type]
+    if attend is not None and not merged:
+        attend = functools.partial(decode_attention.attend, merged=False)
+    model.ops = dataclasses.replace(fast_ops, decode_attention=attend)
 
 
 def random_rank_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:

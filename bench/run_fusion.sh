@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# Dependent launches and SwiGLU inside the w2 product, on one GPU, in one device call: the
-# kernels' GPU tests (compiled with programmatic dependent launch), the fast paths' GPU tests,
-# the one-row products' micro-benchmarks, then batch-1 decode with the kernel variants
-# alternately in one process (`rank_bench.py --variants`): 7B and 13B whole, and one rank of
-# 13B MP=2 (its collectives faked), each with a kernel table; 7B's greedy tokens of each variant
-# against the eager path's (`--exact-prompts`); with a checkpoint (unless --no-model), 7B's fast
-# path against the eager one at batch 1 and 16 (`bench_model.py --exact-batches`).
+# Dependent launches and merged attention spans, on one GPU, in one device call: batch-1 decode
+# with the kernel variants alternately in one process (`rank_bench.py --variants`): 7B whole with
+# each variant's greedy tokens against the eager path's (`--exact-prompts`), one rank of 13B MP=2
+# (its collectives faked) with kernel tables; the kernels' and fast paths' GPU tests; the GEMV
+# chain with and without dependent launches; unless --no-model, 13B whole and 7B's fast path
+# against the eager one at batch 1 and 16 (`bench_model.py --exact-batches`).
 # Records in $OUT/results.json.
 #
 #   OUT=$OUT bash bench/run_fusion.sh [--no-model | --quick]  # carry [".whl", ".bench-assets"]
@@ -29,7 +28,7 @@ step 60 "GPU tests, kernels" python3 -m pytest -q -p no:cacheprovider -x \
 step 90 "GPU tests, fast paths" python3 -m pytest -q -p no:cacheprovider -x -m gpu \
   tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
 step 100 "7b variants" python3 bench/rank_bench.py --model 7b --world 1 \
-  --variants no_pdl,no_gated,no_merge,long_spans,fused --rounds 2 --json "$R"
+  --variants no_pdl,no_merge,fused --rounds 2 --json "$R"
 step 60 "gemv fusion" python3 bench/gemv_bench.py --fusion --json "$R"
 if [ "${1:-}" != --no-model ]; then
   step 90 "13b variants" python3 bench/rank_bench.py --model 13b --world 1 \

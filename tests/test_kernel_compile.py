@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-KERNELS = ["gemv", "gemv gated", "split", "merge", "kv_write", "rope", "add_rms_norm", "silu_mul"]
+KERNELS = ["gemv", "split", "merge", "kv_write", "rope", "add_rms_norm", "silu_mul"]
 # Kernels that read before their wait what no running kernel writes: attention's split reads
 # positions, page tables and the cache's earlier keys and values while the kernel before ends.
 EARLY_READERS = {"split"}
@@ -58,7 +58,7 @@ def test_dependent_launch_waits_before_any_load_of_activations_or_store(
     before = body[:wait]
     assert not GLOBAL_STORE.search(before), f"{name} stores before its wait"
     assert bool(GLOBAL_LOAD.search(before)) == (name in EARLY_READERS), f"{name}'s loads"
-    if name.startswith("gemv"):
+    if name == "gemv":
         assert "prefetch.global.L2" in before, "gemv prefetches its first tile"
     assert GLOBAL_STORE.search(body[wait:]), f"{name} compiled to nothing"
 

@@ -106,40 +106,6 @@ def test_linear_sends_only_one_row_products_to_the_kernel() -> None:
         gemv.gemv(rows, w)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, k", [(48, 256), (37, 300), (33, 1000)])
-def test_gated_gemv_computes_the_swiglu_feed_forwards_second_product(
-    n: int, k: int, dtype: torch.dtype
-) -> None:
-    g = torch.Generator().manual_seed(n + k)
-    gate_up = (3 * torch.randn(1, 1, 2 * k, generator=g)).to(DEVICE, dtype)  # w13's output
-    w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
-    gate, up = gate_up.chunk(2, dim=-1)
-    hidden = fused.silu_mul(gate, up)  # rounded to dtype, as the kernel rounds it
-    want = F.linear(hidden.double(), w.double()).cpu()
-    # bf16: the output's rounding, and the interpreter's truncating casts of the hidden state
-    tolerance = 1e-6 if dtype == torch.float32 else 1.5e-2
-    for config in [None, *GPU_CONFIGS]:
-        got = gemv.gemv(gate_up, w, config, gated=True)
-        assert got.shape == (1, 1, n) and got.dtype == dtype
-        assert _rel_err(got, want) < tolerance, config
-    with pytest.raises(ValueError, match="one row of"):
-        gemv.gemv(gate, w, gated=True)  # half the width
-
-
-def test_gated_linear_takes_the_kernel_for_one_row_and_the_separate_swiglu_for_more() -> None:
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(40, 64, generator=g).to(DEVICE)
-    rows = torch.randn(3, 128, generator=g).to(DEVICE)
-    want = F.linear(fused.silu_mul(*rows.chunk(2, dim=-1)), w)
-    torch.testing.assert_close(layer_kernels.gated_linear(rows, w), want)
-    one = rows[1:2]
-    got = layer_kernels.gated_linear(one, w)
-    torch.testing.assert_close(got, want[1:2], rtol=1e-5, atol=1e-5)
-    assert gemv.one_row_for_kernel(one, w, gated=True)
-    assert not gemv.one_row_for_kernel(one, w)  # the gated width is not the weight's
-
-
 def test_dependent_launch_is_for_cuda_devices_only(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert not triton_support.dependent_launch(cpu)
@@ -278,12 +244,9 @@ def test_kv_write_stores_each_token_in_its_page(
 
 
 def test_attention_launch_by_the_positions_a_step_reads() -> None:
-    narrow, short = decode_attention.launch_for(16, 528), decode_attention.launch_for(1, 528)
-    assert short.block_t == 32 and narrow.block_t == 16
+    narrow = decode_attention.launch_for(16, 528)
+    assert decode_attention.launch_for(1, 528).block_t == 32 and narrow.block_t == 16
     assert narrow.stages is None and decode_attention.launch_for(1, 16384).stages == 3
-    # Short steps: one block per program (all of it read before the wait for the kernel before)
-    assert short.min_span == short.block_t and narrow.min_span == decode_attention.MIN_SPAN
-    assert decode_attention.span_for(1, 32, 528, short.target, 32, short.min_span) == 32
 
 
 def test_spans_cover_every_position_in_block_multiples() -> None:
@@ -413,7 +376,6 @@ def kernel_model(single_process: None, tiny_state_dict: StateDict) -> Transforme
     model.fuse_projections()
     model.use_compiled_ops(False)  # triton_kernels: the interpreter counts as available
     assert model.ops.decode_attention is not None and model.ops.linear is gemv.linear
-    assert model.ops.gated_linear is layer_kernels.gated_linear
     return model.eval()
 
 

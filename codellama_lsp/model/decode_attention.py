@@ -51,7 +51,6 @@ class AttentionLaunch:
     warps: int
     target: int  # programs to aim for
     stages: int | None  # the loop's software pipelining (None: Triton's default)
-    min_span: int = MIN_SPAN  # positions per program at least
 
 
 def launch_for(rows: int, kv_len: int) -> AttentionLaunch:
@@ -62,27 +61,17 @@ def launch_for(rows: int, kv_len: int) -> AttentionLaunch:
     (22% at 528 positions; the narrow shape below, 16%). Larger reads stream: twice the
     programs, each half as wide (16 positions, 2 warps): 58% against 53% at batch 16 x 528, 61
     against 55% at 16k positions; with the loop pipelined 3 deep 73 against 60% at 100k.
-
-    Short steps' programs take one block of positions each: launched as a dependent
-    (`triton_support.dependent_launch`), a program reads its first block of keys before it
-    waits for the kernel before, so with one block it has read them all by then.
     """
     if rows * kv_len < 4096:
-        return AttentionLaunch(BLOCK_T, 4, TARGET_PROGRAMS, None, min_span=BLOCK_T)
+        return AttentionLaunch(BLOCK_T, 4, TARGET_PROGRAMS, None)
     return AttentionLaunch(16, 2, 2 * TARGET_PROGRAMS, 3 if kv_len >= 16384 else None)
 
 
 def span_for(
-    rows: int,
-    heads: int,
-    kv_len: int,
-    target: int = TARGET_PROGRAMS,
-    block_t: int = BLOCK_T,
-    min_span: int = MIN_SPAN,
+    rows: int, heads: int, kv_len: int, target: int = TARGET_PROGRAMS, block_t: int = BLOCK_T
 ) -> int:
-    """Positions per program: short enough to give ~`target` programs, a `block_t` multiple,
-    and at least `min_span` where the keys are few."""
-    spans = max(1, min(target // max(1, rows * heads), cdiv(kv_len, min_span)))
+    """Positions per program: short enough to give ~`target` programs, a `block_t` multiple."""
+    spans = max(1, min(target // max(1, rows * heads), cdiv(kv_len, MIN_SPAN)))
     return cdiv(cdiv(kv_len, spans), block_t) * block_t
 
 
@@ -118,7 +107,7 @@ def attend(
         raise ValueError("decode attention needs contiguous head dimensions")
     shape = launch or launch_for(b, kv_len)
     block_t, warps = shape.block_t, shape.warps
-    span = span_for(b, h, kv_len, shape.target, block_t, shape.min_span)
+    span = span_for(b, h, kv_len, shape.target, block_t)
     spans = cdiv(kv_len, span)
     qv = q.reshape(b, h, d)
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)

@@ -94,9 +94,6 @@ class LayerOps:
     rope_qk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     linear: LinearFn = F.linear
-    # The feed-forward's second product of `[gate, up]` (w13's output), SwiGLU included; None:
-    # `silu_mul`, then `linear`.
-    gated_linear: LinearFn | None = None
     # Attention of one-token steps straight from the cache's pages; None: gather, then SDPA.
     decode_attention: DecodeAttentionFn | None = None
     # Writing new keys and values into the cache's pages; None: the cache's own `write`.
@@ -109,9 +106,8 @@ class LayerOps:
 
     def with_triton_kernels(self) -> LayerOps:
         """These ops through Triton kernels (compiled at their first call): the elementwise
-        pieces (`layer_kernels`, `rope_kernel`), one-row matrix products (`gemv`; SwiGLU read
-        by the second product of the feed-forward), one-token steps' attention
-        (`decode_attention`) and other forwards' cache writes (`kv_write`)."""
+        pieces (`layer_kernels`, `rope_kernel`), one-row matrix products (`gemv`), one-token
+        steps' attention (`decode_attention`) and other forwards' cache writes (`kv_write`)."""
         # They import this module (for their eager fallbacks).
         from codellama_lsp.model import layer_kernels, rope_kernel
 
@@ -121,7 +117,6 @@ class LayerOps:
             rope_qk=rope_kernel.rope_qk,
             silu_mul=layer_kernels.silu_mul,
             linear=gemv.linear,
-            gated_linear=layer_kernels.gated_linear,
             decode_attention=decode_attention.attend,
             write_kv=kv_write.write,
             compiled=True,

@@ -67,36 +67,28 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, w)`; one-row products through the kernel where it runs. Products of more
     rows stay with cuBLAS: a Triton kernel for 2-16 rows (tensor cores, weights read once) was
     no faster at batch 16 (BENCHMARKS.md runs 15-16)."""
-    if not one_row_for_kernel(x, w):
+    if not _one_row_for_kernel(x, w):
         return F.linear(x, w)
     return gemv(x, w)
 
 
-def one_row_for_kernel(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> bool:
-    """Whether `gemv` takes this product: one row of the weight's width (twice it, `gated`),
-    a floating-point weight, and a device where Triton runs."""
+def _one_row_for_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `gemv` takes this product: one row of the weight's width, a floating-point
+    weight, and a device where Triton runs."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    width_ok = x.shape[-1] == w.shape[1] * (2 if gated else 1)
+    width_ok = x.shape[-1] == w.shape[1]
     return rows == 1 and width_ok and w.dtype.is_floating_point and available(x.device)
 
 
-def gemv(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    config: GemvConfig | None = None,
-    *,
-    gated: bool = False,
-) -> torch.Tensor:
-    """`x [..., K]` (one row) times `w [N, K]`^T: `[..., N]` in x's dtype. `gated`: `x` is
-    `[..., 2K]`, `[gate, up]`, and the product is of `silu(gate) * up`."""
+def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """`x [..., K]` (one row) times `w [N, K]`^T: `[..., N]` in x's dtype."""
     n, k = w.shape
-    width = 2 * k if gated else k
-    if x.shape[-1] != width or x.numel() != width:
-        raise ValueError(f"gemv needs one row of {width}, got {tuple(x.shape)}")
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"gemv needs one row of {k}, got {tuple(x.shape)}")
     if w.stride(1) != 1:
         raise ValueError("gemv needs a weight with contiguous rows")
     cfg = config or config_for(n, k)
-    vec = x.reshape(width)
+    vec = x.reshape(k)
     if vec.stride(0) != 1:
         vec = vec.contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -113,7 +105,6 @@ def gemv(
         BLOCK_K=cfg.block_k,
         EVEN_N=n % cfg.block_n == 0,
         EVEN_K=k % cfg.block_k == 0,
-        GATED=gated,
         LINES=max(1, cfg.block_k // PREFETCH_STEP),
         num_warps=cfg.warps,
         num_stages=cfg.stages,
@@ -141,7 +132,6 @@ def _kernel() -> Any:
         BLOCK_K: tl.constexpr,  # type: ignore[name-defined]
         EVEN_N: tl.constexpr,  # type: ignore[name-defined]
         EVEN_K: tl.constexpr,  # type: ignore[name-defined]
-        GATED: tl.constexpr,  # type: ignore[name-defined]
         LINES: tl.constexpr,  # type: ignore[name-defined]
         PDL: tl.constexpr,  # type: ignore[name-defined]
     ):
@@ -167,21 +157,13 @@ def _kernel() -> Any:
         for start in tl.range(0, k, BLOCK_K):
             if EVEN_N and EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
-                xv = tl.load(x_ptr + start + cols).to(tl.float32)
-                if GATED:
-                    up = tl.load(x_ptr + k + start + cols).to(tl.float32)
+                xv = tl.load(x_ptr + start + cols)
             else:
                 col_ok = start + cols < k
                 ok = (rows[:, None] < n) & col_ok[None, :]
                 w = tl.load(w_ptrs, mask=ok, other=0.0, eviction_policy="evict_first")
-                xv = tl.load(x_ptr + start + cols, mask=col_ok, other=0.0).to(tl.float32)
-                if GATED:
-                    up = tl.load(x_ptr + k + start + cols, mask=col_ok, other=0.0)
-                    up = up.to(tl.float32)
-            if GATED:  # silu(gate) * up, rounded as `layer_kernels.silu_mul` rounds
-                silu = (xv / (1.0 + tl.exp(-xv))).to(x_ptr.dtype.element_ty).to(tl.float32)
-                xv = (silu * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-            acc += w.to(tl.float32) * xv[None, :]
+                xv = tl.load(x_ptr + start + cols, mask=col_ok, other=0.0)
+            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
         total = tl.sum(acc, axis=1)
         if EVEN_N:

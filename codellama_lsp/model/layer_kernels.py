@@ -1,5 +1,4 @@
-"""A layer's other elementwise work as Triton kernels: residual add + RMSNorm, and SwiGLU
-(alone, or read by the feed-forward's second product as it goes: `gated_linear`).
+"""A layer's other elementwise work as Triton kernels: residual add + RMSNorm, and SwiGLU.
 
 Why: as `torch.compile`'d functions these were one GPU kernel each, but every call also ran
 dynamo's guards and wrappers on the host, ~100-200 us each (BENCHMARKS.md run 13's prefill
@@ -17,9 +16,8 @@ import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from codellama_lsp.model import fused, gemv
+from codellama_lsp.model import fused
 from codellama_lsp.model.triton_support import (
     available,
     cdiv,
@@ -72,17 +70,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate, up, out, gate_stride, up_stride, width, BLOCK=block, **launch_options(gate.device)
     )
     return out
-
-
-def gated_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`F.linear(silu_mul(gate, up), w)` for `x = [gate, up]` along the last dim (w13's output):
-    the SwiGLU feed-forward's second product. One row goes through `gemv`, which computes the
-    hidden state as it reads it, so a decode step has no separate SwiGLU kernel; more rows
-    through the SwiGLU kernel, then cuBLAS."""
-    if gemv.one_row_for_kernel(x, w, gated=True):
-        return gemv.gemv(x, w, gated=True)
-    gate, up = x.chunk(2, dim=-1)
-    return F.linear(silu_mul(gate, up), w)
 
 
 def _rows_ok(*tensors: torch.Tensor) -> bool:

@@ -245,10 +245,7 @@ class FeedForward(nn.Module):
         if self.w13 is None:
             gate, up = self.w1(x, ops.linear), self.w3(x, ops.linear)
         else:
-            gate_up = ops.linear(x, self.w13)
-            if ops.gated_linear is not None:  # SwiGLU inside the second product
-                return self.w2(gate_up, ops.gated_linear)
-            gate, up = gate_up.chunk(2, dim=-1)
+            gate, up = ops.linear(x, self.w13).chunk(2, dim=-1)
         return self.w2(ops.silu_mul(gate, up), ops.linear)
 
 
