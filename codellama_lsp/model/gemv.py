@@ -140,9 +140,10 @@ def _kernel() -> Any:
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
         if PDL:
             # The weights need no earlier kernel: while it finishes, bring this program's first
-            # tile into L2 (one prefetch per 128-byte line), then wait for its output.
-            line = tl.arange(0, LINES)[None, :] * (BLOCK_K // LINES)
-            lines = w_ptr + rows[:, None].to(tl.int64) * stride_wn + line
+            # tile into L2 (one prefetch per 128-byte line, inside the weight), then wait.
+            line = tl.minimum(tl.arange(0, LINES) * (BLOCK_K // LINES), k - 1)[None, :]
+            row = tl.minimum(rows, n - 1)[:, None].to(tl.int64)
+            lines = w_ptr + row * stride_wn + line
             tl.inline_asm_elementwise(
                 "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
                 "=r,l",
