@@ -67,17 +67,10 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, w)`; one-row products through the kernel where it runs. Products of more
     rows stay with cuBLAS: a Triton kernel for 2-16 rows (tensor cores, weights read once) was
     no faster at batch 16 (BENCHMARKS.md runs 15-16)."""
-    if not _one_row_for_kernel(x, w):
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if rows != 1 or not w.dtype.is_floating_point or not available(x.device):
         return F.linear(x, w)
     return gemv(x, w)
-
-
-def _one_row_for_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `gemv` takes this product: one row of the weight's width, a floating-point
-    weight, and a device where Triton runs."""
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    width_ok = x.shape[-1] == w.shape[1]
-    return rows == 1 and width_ok and w.dtype.is_floating_point and available(x.device)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:

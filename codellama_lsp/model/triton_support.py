@@ -50,8 +50,8 @@ _DEPENDENT_LAUNCH = {"enabled": True}
 
 
 def set_dependent_launch(enabled: bool) -> None:
-    """Turn programmatic dependent launch on or off for kernels made and launched from now on
-    (benchmarks compare both; kernels made before keep their compiled variant cached)."""
+    """Turn programmatic dependent launch on or off for kernels launched from now on; graphs
+    recorded before keep the launches they recorded (benchmarks compare both)."""
     _DEPENDENT_LAUNCH["enabled"] = enabled
 
 
