@@ -34,6 +34,9 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument("--plain-kernels", action="store_true", help="fast_kernels off")
     parser.add_argument(
+        "--peer-all-reduce", action="store_true", help="peer_all_reduce on (nproc > 1)"
+    )
+    parser.add_argument(
         "--no-pipeline", action="store_true", help="pipeline_steps off (read each step's ids first)"
     )
     parser.add_argument("--label", default="", help="appended to every figure's name")
@@ -127,6 +130,7 @@ async def main_async(run: argparse.Namespace, out: Results) -> None:
         device=run.device,
         fast_kernels=not run.plain_kernels,
         graphs_across_ranks=not run.eager_across_ranks,
+        peer_all_reduce=run.peer_all_reduce,
         pipeline_steps=False if run.no_pipeline else None,
         max_seq_len=max(run.prompt + run.gen, run.reuse_prompt + 64) + 64,
         max_batch_size=max(int(x) for x in run.batches.split(",")),

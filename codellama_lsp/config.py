@@ -146,6 +146,7 @@ _KV_TOKENS_DOC = "KV-cache pool in tokens, all requests (0: CUDA by fraction, CP
 _KV_FRACTION_DOC = "CUDA: share of the memory free after the weights for the KV cache"
 _FAST_DOC = "CUDA: fused projections, Triton kernels and graphs recorded at start"
 _ACROSS_DOC = "with nproc > 1: CUDA graphs that hold the NCCL all-reduces too (false: eager steps)"
+_PEER_DOC = "nproc > 1 on GPUs: decode's all-reduces through peer memory (experimental)"
 _SPECULATE_DOC = "greedy requests alone: check drafts from the request's own n-grams"
 _INSTRUCT_DOC = "Instruct checkpoint for code actions (= model.ckptDir: one worker group)"
 _SHARE_DOC = "the completion model is a 7B/13B Instruct model: actions run on it too"
@@ -176,6 +177,7 @@ class ModelConfig:
     kv_cache_fraction: float = _S(0.9, _float(0.01, 1), _KV_FRACTION_DOC)
     fast_kernels: bool = _S(True, _bool, _FAST_DOC)
     graphs_across_ranks: bool = _S(True, _bool, _ACROSS_DOC)
+    peer_all_reduce: bool = _S(False, _bool, _PEER_DOC)
     speculative_decoding: bool = _S(False, _bool, _SPECULATE_DOC)
     load_timeout_s: float = _S(900.0, _float(1, 86400), "seconds to load the model")
     request_timeout_s: float = _S(120.0, _float(1, 3600), "seconds a request may stall")
@@ -423,6 +425,7 @@ _MODEL_FLAGS = (
     ("--kv-cache-fraction", "model", "kv_cache_fraction"),
     ("--fast-kernels", "model", "fast_kernels"),
     ("--graphs-across-ranks", "model", "graphs_across_ranks"),
+    ("--peer-all-reduce", "model", "peer_all_reduce"),
     ("--speculative-decoding", "model", "speculative_decoding"),
     ("--load-timeout", "model", "load_timeout_s"),
     ("--request-timeout", "model", "request_timeout_s"),

@@ -27,7 +27,7 @@ _import_triton_for_its_interpreter()
 
 
 # Imports below the call above: some of them import Triton (through torch._dynamo).
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,28 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Pa
     """A tiny random checkpoint in Meta's layout (MP=1, bf16, seed 0)."""
     directory = tmp_path_factory.mktemp("tiny-codellama")
     return write_random_checkpoint(directory, TINY_ARGS, tokenizer_path=tokenizer_path)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Triton kernels made for its CPU interpreter (where there is no GPU), and made again
+    afterwards (a kernel is made once, for the interpreter or for the GPU)."""
+    from codellama_lsp.model import decode_attention, gemv, kv_write, layer_kernels, rope_kernel
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = (
+        gemv._kernel,
+        decode_attention._kernels,
+        rope_kernel._kernel,
+        layer_kernels._kernels,
+        kv_write._kernel,
+    )
+    for made in kernels:
+        made.cache_clear()
+    yield
+    for made in kernels:
+        made.cache_clear()
 
 
 @pytest.fixture(scope="session")

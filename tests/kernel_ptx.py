@@ -19,8 +19,8 @@ from codellama_lsp.model import decode_attention, gemv, kv_write, layer_kernels,
 HOPPER = GPUTarget("cuda", 90, 32)
 FLOAT32_POINTERS = {"table_ptr", "partial_ptr", "lse_ptr"}
 FLOAT_SCALARS = {"eps", "scale"}
-INT64_POINTERS = {"rows_ptr", "start_ptr"}
-INT32_POINTERS = {"count_ptr"}
+INT64_POINTERS = {"rows_ptr", "start_ptr", "data_addresses", "flag_addresses"}
+INT32_POINTERS = {"count_ptr", "rounds_ptr"}
 
 
 def _signature(kernel: Any, constexprs: dict[str, Any]) -> dict[str, str]:
@@ -33,7 +33,7 @@ def _signature(kernel: Any, constexprs: dict[str, Any]) -> dict[str, str]:
             types[name] = "constexpr"
         elif name in FLOAT32_POINTERS:
             types[name] = "*fp32"
-        elif name in INT64_POINTERS:
+        elif name in INT64_POINTERS:  # page tables, positions, peer buffers' addresses
             types[name] = "*i64"
         elif name in INT32_POINTERS:
             types[name] = "*i32"
@@ -54,7 +54,7 @@ def _ptx(kernel: Any, constexprs: dict[str, Any], warps: int = 4) -> str:
 
 def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
     split, merge = decode_attention._kernels()
-    add_norm, silu = layer_kernels._kernels()
+    add_norm, silu, peer_add_norm = layer_kernels._kernels()
     gemv_shape = {"BLOCK_N": 16, "BLOCK_K": 256, "EVEN_N": True, "EVEN_K": True, "LINES": 4}
     return [
         ("gemv", gemv._kernel(), gemv_shape),
@@ -63,6 +63,7 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("kv_write", kv_write._kernel(), {"H_KV": 32, "HEADS": 4, "D": 128}),
         ("rope", rope_kernel._kernel(), {"H": 32, "H_KV": 32, "HEADS": 2, "HALF": 64}),
         ("add_rms_norm", add_norm, {"BLOCK": 4096}),
+        ("peer_add_rms_norm", peer_add_norm, {"WORLD": 2, "BLOCK": 8192}),
         ("silu_mul", silu, {"BLOCK": 1024}),
     ]
 

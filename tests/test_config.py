@@ -167,5 +167,6 @@ def test_schema_lists_every_setting_with_type_and_default() -> None:
     }
     assert schema["model.graphsAcrossRanks"]["default"] is True
     assert schema["model.speculativeDecoding"]["default"] is False
-    assert len(schema) == 43
+    assert schema["model.peerAllReduce"]["default"] is False
+    assert len(schema) == 44
     assert schema["model.hangTimeoutS"]["type"] == "number"

@@ -22,7 +22,16 @@ import pytest
 
 pytest.importorskip("triton")
 
-KERNELS = ["gemv", "split", "merge", "kv_write", "rope", "add_rms_norm", "silu_mul"]
+KERNELS = [
+    "gemv",
+    "split",
+    "merge",
+    "kv_write",
+    "rope",
+    "add_rms_norm",
+    "peer_add_rms_norm",
+    "silu_mul",
+]
 # Kernels that read before their wait what no running kernel writes: attention's split reads
 # positions, page tables and the cache's earlier keys and values while the kernel before ends.
 EARLY_READERS = {"split"}
@@ -71,3 +80,15 @@ def test_without_dependent_launch_there_is_no_grid_dependency_control(
     assert "griddepcontrol" not in body
     assert "prefetch.global" not in body
     assert GLOBAL_STORE.search(body), f"{name} compiled to nothing"
+
+
+def test_peer_sums_signal_and_wait_at_system_scope(ptx: dict[str, dict[str, str]]) -> None:
+    """The flags cross GPUs: a rank's release of its row and its acquire of the peers' must be
+    ordered at system scope, and the peers' rows read past this SM's L1 (`peer_sum`)."""
+    for variant in ("pdl", "plain"):
+        body = ptx["peer_add_rms_norm"][variant]
+        release = re.search(r"atom\.global\.sys\.release\.exch", body)
+        acquire = re.search(r"ld\.global\.sys\.acquire", body)
+        uncached = re.search(r"ld\.global\.cv", body)
+        assert release and acquire and uncached, variant
+        assert release.start() < acquire.start() < uncached.start(), variant

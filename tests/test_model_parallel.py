@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from pathlib import Path
 
 import pytest
 import torch
+from rank_support import run_ranks
 
 from codellama_lsp.model import parallel
 from codellama_lsp.model.generation import generate
@@ -65,18 +65,7 @@ def _rank_main(rank: int, store: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("mp2")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, str(out / "store"), str(out))) for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    codes = run_ranks(_rank_main, (str(out / "store"), str(out)), timeout_s=120)
     assert codes == [0, 0], f"rank processes exited with {codes}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 

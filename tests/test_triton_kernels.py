@@ -10,14 +10,13 @@ ones are then `test_fast_paths`'s GPU test); bench/ times the kernels.
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from engine_support import serve
+from rank_support import run_ranks
 
 from codellama_lsp.model import (
     decode_attention,
@@ -46,28 +45,10 @@ pytest.importorskip("triton")
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 cpu_only = pytest.mark.skipif(ON_GPU, reason="the interpreter's CPU tests")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 _g = torch.Generator().manual_seed(11)
 PROMPT = torch.randint(3, 32000, (60,), generator=_g)
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Kernels made for Triton's CPU interpreter (no GPU here), and made again afterwards."""
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = (
-        gemv._kernel,
-        decode_attention._kernels,
-        rope_kernel._kernel,
-        layer_kernels._kernels,
-        kv_write._kernel,
-    )
-    for made in kernels:
-        made.cache_clear()
-    yield
-    for made in kernels:
-        made.cache_clear()
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -438,42 +419,53 @@ def test_engine_with_the_kernels_generates_what_the_plain_engine_does(
     assert engine.decoder.stats["padded tail"] == (2 if padded else 0)
 
 
-def _mp2_rank(rank: int, store: str, out_dir: str, requests: list[EngineRequest]) -> None:
-    """One rank of a model split over two processes, serving `requests` with the kernels."""
+def _mp2_rank(
+    rank: int, store: str, out_dir: str, requests: list[EngineRequest], peer: bool
+) -> None:
+    """One rank of a model split over two processes, serving `requests` with the kernels (and
+    with `peer`, the row-parallel sums through peer memory: `peer_sum`)."""
     parallel.init_model_parallel(2, rank, "gloo", f"file://{store}", timeout_s=60)
     try:
         full = random_state_dict(TINY_ARGS, seed=0, dtype=torch.float32)
         model = build_transformer(TINY_ARGS, device="cpu", max_seq_len=128)
         model.load_state_dict(shard_state_dict(full, TINY_ARGS, 2)[rank], strict=True)
         kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
-        engine = Engine(model, fast_kernels=True, **kwargs)  # type: ignore[arg-type]
+        engine = Engine(model, fast_kernels=True, peer_all_reduce=peer, **kwargs)  # type: ignore[arg-type]
         used = engine.model.ops.decode_attention is not None
         tokens = {k: v.tokens for k, v in collect(serve(engine, requests)).items()}
-        torch.save({"kernels": used, "tokens": tokens}, f"{out_dir}/rank{rank}.pt")
+        sums = engine.model.peer_sums
+        rounds = None if sums is None else sums.rounds.view(sums.n_slots, -1).clone()
+        result = {"kernels": used, "tokens": tokens, "rounds": rounds}
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         parallel.shutdown()
 
 
 @cpu_only
 @pytest.mark.slow
+@pytest.mark.parametrize("peer", [False, True], ids=["all_reduce", "peer_sums"])
 def test_two_ranks_with_the_kernels_generate_what_one_plain_rank_does(
-    tiny_model: Transformer, tmp_path: Path
+    tiny_model: Transformer, tmp_path: Path, peer: bool
 ) -> None:
     """Across ranks the kernels read the all-reduces' results: those must be waited for
-    (functional collectives return lazy tensors that a kernel's raw pointer would read early)."""
+    (functional collectives return lazy tensors that a kernel's raw pointer would read early).
+    With peer sums, the ranks' processes wait for each other inside the add + RMSNorm kernel
+    through shared memory, and read each other's rows there."""
     doc = tuple(PROMPT.tolist())
     requests = [EngineRequest(f"r{i}", doc[:n], SamplingParams(5)) for i, n in enumerate((20, 40))]
     kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
     plain = collect(serve(Engine(tiny_model, fast_kernels=False, **kwargs), requests))  # type: ignore[arg-type]
-    ctx = mp.get_context("spawn")  # the ranks inherit TRITON_INTERPRET from the fixture
-    args = (str(tmp_path / "store"), str(tmp_path), requests)
-    procs = [ctx.Process(target=_mp2_rank, args=(rank, *args)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=240)
-    assert [proc.exitcode for proc in procs] == [0, 0]
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    args = (str(tmp_path / "store"), str(tmp_path), requests, peer)
+    assert run_ranks(_mp2_rank, args) == [0, 0]  # TRITON_INTERPRET passes on from the fixture
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for result in results:
         assert result["kernels"]
         assert result["tokens"] == {k: v.tokens for k, v in plain.items()}
+    if peer:
+        rounds = [r["rounds"] for r in results]
+        assert torch.equal(rounds[0], rounds[1])  # the ranks summed the same rows as often
+        # Every slot (two per layer) summed rows: the prompts' 16-token chunks and the steps.
+        assert rounds[0].shape == (2 * TINY_ARGS.n_layers, 16)
+        assert (rounds[0] > 0).all()
+    else:
+        assert all(r["rounds"] is None for r in results)

@@ -157,6 +157,7 @@ class Engine:
         graphs_across_ranks: bool = False,
         speculate: bool = False,
         pipeline: bool | None = None,
+        peer_all_reduce: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_seq_len < 2:
             raise ConfigError("the engine needs max_batch_size >= 1 and max_seq_len >= 2")
@@ -173,6 +174,7 @@ class Engine:
         self.vocab_size = model.args.vocab_size
         self.prefill_chunk = max(1, prefill_chunk)
         self.speculate = speculate
+        self.peer_all_reduce = peer_all_reduce
         # Pipelined decode steps (module docstring): on CUDA by default; on CPU every forward
         # runs at once, so queueing one ahead overlaps nothing (the tests turn it on).
         self.pipeline = self.device.type == "cuda" if pipeline is None else pipeline
@@ -219,12 +221,15 @@ class Engine:
         kernels, which compute the same."""
         self.model.fuse_projections()
         self.model.use_compiled_ops(compile_ops)
+        if self.peer_all_reduce:
+            # Decode steps of every batch and a keystroke's short tails (`TAIL_WIDTHS`).
+            self.model.use_peer_sums(max(self.max_batch_size, max(TAIL_WIDTHS)))
         started = time.monotonic()
         try:
             self._warm_up(capture_kv_len)
         except Exception as exc:  # inductor and Triton raise many kinds
             log.warning("compiled kernels unavailable, using eager ones: %s", exc)
-            self.model.use_compiled_ops(False, triton_kernels=False)
+            self.model.use_compiled_ops(False, triton_kernels=False)  # no peer sums either
             self.decoder = self._new_decoder(self.decoder.allow_collectives)
             self._warm_up(capture_kv_len)
         log.info("engine warm-up: %.1f s, %s", time.monotonic() - started, self.decoder.stats)

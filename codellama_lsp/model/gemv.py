@@ -63,18 +63,26 @@ def config_for(n: int, k: int) -> GemvConfig:
     return GemvConfig(16, 256, warps=4, stages=3)  # wqkv
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, w)`; one-row products through the kernel where it runs. Products of more
-    rows stay with cuBLAS: a Triton kernel for 2-16 rows (tensor cores, weights read once) was
-    no faster at batch 16 (BENCHMARKS.md runs 15-16)."""
+def linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w)`, into `out` when given (contiguous, x's shape but the last dim);
+    one-row products through the kernel where it runs. Products of more rows stay with cuBLAS:
+    a Triton kernel for 2-16 rows (tensor cores, weights read once) was no faster at batch 16
+    (BENCHMARKS.md runs 15-16)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if rows != 1 or not w.dtype.is_floating_point or not available(x.device):
-        return F.linear(x, w)
-    return gemv(x, w)
+        # `F.linear` without a bias is this product (`at::linear`), which has no `out`.
+        return F.linear(x, w) if out is None else torch.matmul(x, w.t(), out=out)
+    return gemv(x, w, out=out)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """`x [..., K]` (one row) times `w [N, K]`^T: `[..., N]` in x's dtype."""
+def gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    config: GemvConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x [..., K]` (one row) times `w [N, K]`^T: `[..., N]` in x's dtype, into `out` (N
+    contiguous values) when given."""
     n, k = w.shape
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"gemv needs one row of {k}, got {tuple(x.shape)}")
@@ -84,7 +92,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> 
     vec = x.reshape(k)
     if vec.stride(0) != 1:
         vec = vec.contiguous()
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(n, dtype=x.dtype, device=x.device)
+    elif out.numel() != n or not out.is_contiguous() or out.dtype != x.dtype:
+        raise ValueError(f"gemv writes {n} contiguous {x.dtype} values, got {tuple(out.shape)}")
     kernel = _kernel()
     grid = (cdiv(n, cfg.block_n),)
     kernel[grid](

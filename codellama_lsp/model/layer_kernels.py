@@ -1,4 +1,5 @@
-"""A layer's other elementwise work as Triton kernels: residual add + RMSNorm, and SwiGLU.
+"""A layer's other elementwise work as Triton kernels: residual add + RMSNorm (also with the
+residual's delta summed over the ranks first: `peer_sum`), and SwiGLU.
 
 Why: as `torch.compile`'d functions these were one GPU kernel each, but every call also ran
 dynamo's guards and wrappers on the host, ~100-200 us each (BENCHMARKS.md run 13's prefill
@@ -13,6 +14,7 @@ the scale, SiLU rounded before the product. Only float32 reduction order differs
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,6 +56,52 @@ def add_rms_norm(
     return h, normed
 
 
+def peer_add_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    peers: PeerRows,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rms_norm(x, delta, ...)` where `delta` is the sum over the ranks of the rows that
+    `peers` names (see `peer_sum`, which says how the ranks wait for each other)."""
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    _kernels()[2][(rows,)](
+        x,
+        peers.data_addresses,
+        peers.flag_addresses,
+        peers.rounds,
+        weight,
+        h,
+        normed,
+        eps,
+        dim,
+        peers.first_entry,
+        peers.rank,
+        WORLD=peers.world,
+        BLOCK=next_pow2(dim),
+        num_warps=_warps(dim),
+        **launch_options(x.device),
+    )
+    return h, normed
+
+
+@dataclass(frozen=True)
+class PeerRows:
+    """Where `peer_add_rms_norm` finds the rows to sum: entry `first_entry + j` (row j) of
+    every rank's buffer, each `dim` values at `data_addresses[rank]`; its flags (one per entry
+    and rank) at `flag_addresses[rank]`; this rank's count of rounds per entry in `rounds`."""
+
+    data_addresses: torch.Tensor
+    flag_addresses: torch.Tensor
+    rounds: torch.Tensor
+    first_entry: int
+    rank: int
+    world: int
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """As `fused.silu_mul`: `silu(gate) * up`, for row views (the halves of w13's output)."""
     width, lead = gate.shape[-1], gate.dim() - 1
@@ -80,12 +128,30 @@ def _warps(dim: int) -> int:
     return 4 if dim <= 2048 else 8
 
 
+# The jitted helper both add + RMSNorm kernels end with, set by `_kernels()`: a module global
+# rather than a local, as Triton's interpreter looks the names a kernel calls up in its module.
+store_add_rms_norm: Any = None
+
+
 @functools.cache
-def _kernels() -> tuple[Any, Any]:
+def _kernels() -> tuple[Any, Any, Any]:
     """The jitted kernels, made at first use (see `triton_support`)."""
     triton = triton_module()
     tl = triton.language
     gdc_wait, gdc_launch_dependents = grid_dependency_control()
+    global store_add_rms_norm
+
+    @triton.jit  # type: ignore[misc]
+    def store_add_rms_norm(x, delta, weight_ptr, h_ptr, out_ptr, at, cols, ok, eps, dim):
+        """`h = x + delta` rounded as the activations, stored with its RMSNorm at row offset
+        `at`."""
+        h = (x.to(tl.float32) + delta.to(tl.float32)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + at + cols, h, mask=ok)
+        hf = h.to(tl.float32)
+        rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / dim + eps)
+        normed = (hf * rms).to(h_ptr.dtype.element_ty).to(tl.float32)
+        weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + at + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit  # type: ignore[misc]
     def add_rms_norm_kernel(
@@ -102,20 +168,62 @@ def _kernels() -> tuple[Any, Any]:
         if PDL:  # see `triton_support.dependent_launch`
             gdc_wait()
             gdc_launch_dependents()
-        row = tl.program_id(0).to(tl.int64)
+        at = tl.program_id(0).to(tl.int64) * dim
         cols = tl.arange(0, BLOCK)
         ok = cols < dim
-        x = tl.load(x_ptr + row * dim + cols, mask=ok, other=0.0)
-        delta = tl.load(delta_ptr + row * dim + cols, mask=ok, other=0.0)
-        h = (x.to(tl.float32) + delta.to(tl.float32)).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + row * dim + cols, h, mask=ok)
-        hf = h.to(tl.float32)
-        rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / dim + eps)
-        normed = (hf * rms).to(h_ptr.dtype.element_ty).to(tl.float32)
-        weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(
-            out_ptr + row * dim + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=ok
-        )
+        x = tl.load(x_ptr + at + cols, mask=ok, other=0.0)
+        delta = tl.load(delta_ptr + at + cols, mask=ok, other=0.0)
+        store_add_rms_norm(x, delta, weight_ptr, h_ptr, out_ptr, at, cols, ok, eps, dim)
+
+    @triton.jit  # type: ignore[misc]
+    def peer_add_rms_norm_kernel(
+        x_ptr,
+        data_addresses,
+        flag_addresses,
+        rounds_ptr,
+        weight_ptr,
+        h_ptr,
+        out_ptr,
+        eps,
+        dim,
+        first_entry,
+        rank,
+        WORLD: tl.constexpr,  # type: ignore[name-defined]
+        BLOCK: tl.constexpr,  # type: ignore[name-defined]
+        PDL: tl.constexpr,  # type: ignore[name-defined]
+    ):
+        if PDL:  # the product that wrote this rank's rows has finished
+            gdc_wait()
+            gdc_launch_dependents()
+        entry = first_entry + tl.program_id(0)
+        round_ = tl.load(rounds_ptr + entry) + 1
+        tl.store(rounds_ptr + entry, round_)
+        # This rank's row is in its buffer: say so on every rank (itself too) ...
+        for p in tl.static_range(WORLD):
+            flags = tl.load(flag_addresses + p).to(tl.pointer_type(tl.int32))
+            tl.atomic_xchg(flags + entry * WORLD + rank, round_, sem="release", scope="sys")
+        # ... then wait until every rank has said so here.
+        own = tl.load(flag_addresses + rank).to(tl.pointer_type(tl.int32))
+        for p in tl.static_range(WORLD):
+            seen = tl.atomic_add(own + entry * WORLD + p, 0, sem="acquire", scope="sys")
+            while seen < round_:
+                seen = tl.atomic_add(own + entry * WORLD + p, 0, sem="acquire", scope="sys")
+        cols = tl.arange(0, BLOCK)
+        ok = cols < dim
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for p in tl.static_range(WORLD):  # in rank order: the same sum on every rank
+            # Peer buffers start page-aligned: said here, rows of a width Triton sees to be a
+            # multiple of 16 load as vectors.
+            address = tl.multiple_of(tl.load(data_addresses + p), 16)
+            data = address.to(tl.pointer_type(h_ptr.dtype.element_ty))
+            # ".cv": the peer's row as it is now, not a copy an earlier step left in a cache.
+            at_row = entry.to(tl.int64) * dim + cols
+            row = tl.load(data + at_row, mask=ok, other=0.0, cache_modifier=".cv")
+            total += row.to(tl.float32)
+        at = tl.program_id(0).to(tl.int64) * dim
+        x = tl.load(x_ptr + at + cols, mask=ok, other=0.0)
+        delta = total.to(h_ptr.dtype.element_ty)  # rounded once, as an all-reduce of two ranks
+        store_add_rms_norm(x, delta, weight_ptr, h_ptr, out_ptr, at, cols, ok, eps, dim)
 
     @triton.jit  # type: ignore[misc]
     def silu_mul_kernel(
@@ -139,4 +247,4 @@ def _kernels() -> tuple[Any, Any]:
         silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
         tl.store(out_ptr + row * width + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=ok)
 
-    return add_rms_norm_kernel, silu_mul_kernel
+    return add_rms_norm_kernel, silu_mul_kernel, peer_add_rms_norm_kernel

@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -131,6 +134,64 @@ def _waited(t: torch.Tensor) -> torch.Tensor:
     touches it; a Triton kernel reads the raw memory (`data_ptr`) and would read the result
     before it exists (an illegal address on a GPU, BENCHMARKS.md run 18)."""
     return funcol.wait_tensor(t)
+
+
+@dataclass(frozen=True)
+class PeerBuffer:
+    """A buffer of the same size on every rank of the model-parallel group, which this rank's
+    kernels can read and write on every rank (`peer_buffer`)."""
+
+    local: torch.Tensor  # this rank's buffer, flat
+    addresses: torch.Tensor  # int64 `[world]` on its device: every rank's buffer, from here
+    keep_alive: Any  # what maps the peers' buffers here (they live as long as it does)
+
+
+def peer_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> PeerBuffer:
+    """A zeroed buffer of `numel` values on every rank, mapped into every rank's address space.
+    Collective: every rank calls it with the same arguments.
+
+    On GPUs it is torch's symmetric memory (peer mappings over NVLink or PCIe). CPU ranks (the
+    tests, with the kernels in Triton's interpreter) share files mapped by every rank."""
+    if device.type == "cuda":
+        return _symmetric_buffer(numel, dtype, device)
+    return _shared_file_buffer(numel, dtype)
+
+
+def _symmetric_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> PeerBuffer:
+    # The kernels address peers through plain peer mappings: no NVLink multicast object is
+    # needed, and making one can take a shared host's GPUs out of service.
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    import torch.distributed._symmetric_memory as symm_mem
+
+    group_name = fs_init.get_model_parallel_group().group_name
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required before torch 2.9
+        symm_mem.enable_symm_mem_for_group(group_name)
+    local = symm_mem.empty(numel, dtype=dtype, device=device)
+    # Zeroed on every rank before any rank can pass the rendezvous and write to it.
+    local.zero_()
+    torch.cuda.synchronize(device)
+    handle = symm_mem.rendezvous(local, group_name)
+    addresses = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+    return PeerBuffer(local, addresses, handle)
+
+
+def _shared_file_buffer(numel: int, dtype: torch.dtype) -> PeerBuffer:
+    rank, world = model_parallel_rank(), model_parallel_world_size()
+    made = tempfile.mkdtemp(prefix="codellama-lsp-peer-") if rank == 0 else None
+    folder = Path(str(broadcast_object(made)))
+
+    def mapped(p: int) -> torch.Tensor:
+        return torch.from_file(str(folder / f"rank{p}"), shared=True, size=numel, dtype=dtype)
+
+    local = mapped(rank)
+    local.zero_()
+    barrier()  # every rank's file exists and is zeroed
+    views = [local if p == rank else mapped(p) for p in range(world)]
+    barrier()  # every rank mapped every file: the names can go
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    addresses = torch.tensor([v.data_ptr() for v in views], dtype=torch.int64)
+    return PeerBuffer(local, addresses, views)
 
 
 def barrier() -> None:

@@ -27,6 +27,7 @@ from codellama_lsp.model.fused import DecodeAttentionFn, LayerOps, LinearFn
 from codellama_lsp.model.kv_cache import AttentionCache, KVCache
 from codellama_lsp.model.kv_pages import kv_bytes_per_token
 from codellama_lsp.model.paged_cache import PagedKVCache
+from codellama_lsp.model.peer_sum import PeerPartial, PeerSums
 from codellama_lsp.model.triton_support import available as triton_available
 
 # Positions covered by the rotary tables: Code Llama holds up to about 100k tokens.
@@ -97,7 +98,13 @@ class _Row(RowParallelLinear):
         self.master_weight = None
         self.world = world
 
-    def forward(self, x: torch.Tensor, linear: LinearFn = F.linear) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, linear: LinearFn = F.linear, peers: PeerSums | None = None
+    ) -> torch.Tensor | PeerPartial:
+        """The product summed over the ranks; with `peers`, where it fits, this rank's partial
+        rows in a peer buffer instead, which the next add + RMSNorm sums (`peer_sum`)."""
+        if peers is not None and (partial := peers.product(x, self.weight)) is not None:
+            return partial
         out = linear(x, self.weight)
         return out if self.world == 1 else parallel.all_reduce_sum(out)
 
@@ -160,7 +167,7 @@ class Attention(nn.Module):
             q, k, v = linear(x, self.wqkv).split([h * d, h_kv * d, h_kv * d], dim=-1)
         return q.view(b, t, h, d), k.view(b, t, h_kv, d), v.view(b, t, h_kv, d)
 
-    def forward(self, x: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: _StepContext) -> torch.Tensor | PeerPartial:
         b, t, _ = x.shape
         q, k, v = self.project(x, ctx.ops.linear)
         q, k = ctx.ops.rope_qk(q, k, ctx.rope)
@@ -170,7 +177,7 @@ class Attention(nn.Module):
             out = self._attend_own_keys(q, k, v, ctx)
         else:
             out = self._attend_gathered(q, k, v, ctx)
-        return self.wo(out.reshape(b, t, -1), ctx.ops.linear)
+        return self.wo(out.reshape(b, t, -1), ctx.ops.linear, ctx.peers)
 
     def _attend_own_keys(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _StepContext
@@ -241,12 +248,14 @@ class FeedForward(nn.Module):
         # w1 and w3 side by side (see `fuse_projections`); not part of the state dict.
         self.register_buffer("w13", None, persistent=False)
 
-    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ops: LayerOps, peers: PeerSums | None = None
+    ) -> torch.Tensor | PeerPartial:
         if self.w13 is None:
             gate, up = self.w1(x, ops.linear), self.w3(x, ops.linear)
         else:
             gate, up = ops.linear(x, self.w13).chunk(2, dim=-1)
-        return self.w2(ops.silu_mul(gate, up), ops.linear)
+        return self.w2(ops.silu_mul(gate, up), ops.linear, peers)
 
 
 class TransformerBlock(nn.Module):
@@ -258,15 +267,19 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype)
 
     def forward(
-        self, h: torch.Tensor, pending: torch.Tensor, ctx: _StepContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, h: torch.Tensor, pending: Delta, ctx: _StepContext
+    ) -> tuple[torch.Tensor, Delta]:
         """The reference's `h = x + attn(norm(x)); out = h + ffn(norm(h))`, with `x = h +
         pending`: each residual add is done together with the norm that follows it (one kernel
         when the ops are compiled). Returns `(out - ffn, ffn)`: the next block adds them."""
-        ops, eps = ctx.ops, self.attention_norm.eps
-        h, x = ops.add_rms_norm(h, pending, self.attention_norm.weight, eps)
-        h, x = ops.add_rms_norm(h, self.attention(x, ctx), self.ffn_norm.weight, eps)
-        return h, self.feed_forward(x, ops)
+        eps = self.attention_norm.eps
+        h, x = ctx.add_rms_norm(h, pending, self.attention_norm.weight, eps)
+        h, x = ctx.add_rms_norm(h, self.attention(x, ctx), self.ffn_norm.weight, eps)
+        return h, self.feed_forward(x, ctx.ops, ctx.peers)
+
+
+# A residual's delta: summed over the ranks already, or this rank's part of it (`peer_sum`).
+Delta = torch.Tensor | PeerPartial
 
 
 class _StepContext:
@@ -291,6 +304,16 @@ class _StepContext:
         # cache-writing kernel (`write_kv`).
         self.in_place = False
         self.page_rows: torch.Tensor | None = None
+        # Row-parallel products summed through peer memory where they fit (`peer_sum`).
+        self.peers: PeerSums | None = None
+
+    def add_rms_norm(
+        self, h: torch.Tensor, delta: Delta, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(h + delta, its RMSNorm)`, the delta summed over the ranks first if it is a part."""
+        if isinstance(delta, PeerPartial):
+            return cast(PeerSums, self.peers).add_rms_norm(h, delta, weight, eps)
+        return self.ops.add_rms_norm(h, delta, weight, eps)
 
 
 def _attention_mask(
@@ -334,6 +357,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps, dtype)
         self.output = _Column(args.dim, args.vocab_size, dtype, gather_output=True)
         self.ops = LayerOps.eager()
+        self.peer_sums: PeerSums | None = None  # see `use_peer_sums`
         # Not persistent: the state dict keeps exactly Meta's names.
         self.register_buffer("freqs_cis", self._rope_on(self.norm.weight.device), persistent=False)
         # A meta build filled by load_state_dict(assign=True) gets real rotary tables afterwards.
@@ -411,16 +435,32 @@ class Transformer(nn.Module):
             ctx.mask, ctx.is_causal = _attention_mask(positions, kv_len, t, start)
         if ctx.in_place or ctx.is_causal or (self.ops.write_kv is not None and kernels):
             ctx.page_rows = cache.page_rows(slots)
+        if self.peer_sums is not None and self.ops.compiled and kernels:
+            ctx.peers = self.peer_sums
+            ctx.peers.begin_forward()
         h = self.tok_embeddings(tokens)
-        pending = torch.zeros_like(h)  # h + 0 is h exactly: the first block's add is a no-op
+        pending: Delta = torch.zeros_like(h)  # h + 0 is h: the first block's add is a no-op
         for layer in self.blocks():
             h, pending = layer(h, pending, ctx)
-        if last_only:
-            h, pending = h[:, -1:], pending[:, -1:]
-        elif columns is not None:
-            h, pending = h.index_select(1, columns), pending.index_select(1, columns)
-        _, x = self.ops.add_rms_norm(h, pending, self.norm.weight, self.norm.eps)
+        if isinstance(pending, PeerPartial):  # summed for every row (the norm is per row)
+            _, x = ctx.add_rms_norm(h, pending, self.norm.weight, self.norm.eps)
+            x = _some_columns(x, last_only, columns)
+        else:
+            h, pending = (
+                _some_columns(h, last_only, columns),
+                _some_columns(pending, last_only, columns),
+            )
+            _, x = self.ops.add_rms_norm(h, pending, self.norm.weight, self.norm.eps)
         return self.output(x, self.ops.linear).float()  # type: ignore[no-any-return]
+
+    def use_peer_sums(self, max_rows: int) -> None:
+        """Sum the row-parallel products of forwards of up to `max_rows` rows through peer
+        memory (`peer_sum`) whenever the Triton kernels run: 2 slots per layer. Collective:
+        every rank calls it. World size 1 has nothing to sum."""
+        if parallel.model_parallel_world_size() > 1:
+            weight = self.norm.weight
+            n_slots = 2 * self.args.n_layers
+            self.peer_sums = PeerSums(n_slots, max_rows, self.args.dim, weight.dtype, weight.device)
 
     def blocks(self) -> list[TransformerBlock]:
         return [cast(TransformerBlock, layer) for layer in self.layers]
@@ -462,6 +502,13 @@ class Transformer(nn.Module):
         super()._apply(fn, recurse)
         self.reset_rope()
         return self
+
+
+def _some_columns(t: torch.Tensor, last_only: bool, columns: torch.Tensor | None) -> torch.Tensor:
+    """The positions of `t [B, T, ...]` a forward returns logits for (see `forward`)."""
+    if last_only:
+        return t[:, -1:]
+    return t if columns is None else t.index_select(1, columns)
 
 
 def _fuse(linears: list[_Column]) -> torch.Tensor:

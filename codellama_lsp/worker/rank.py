@@ -143,6 +143,7 @@ def _load(conn: Connection, launch: Launch, settings: WorkerSettings) -> Engine:
         kv_cache_fraction=settings.kv_cache_fraction,
         fast_kernels=None if settings.fast_kernels else False,
         graphs_across_ranks=settings.graphs_across_ranks,
+        peer_all_reduce=settings.peer_all_reduce,
         speculate=settings.speculative_decoding,
         pipeline=settings.pipeline_steps,
     )

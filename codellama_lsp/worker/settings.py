@@ -27,6 +27,8 @@ class WorkerSettings:
     fast_kernels: bool = True
     # nproc > 1 on CUDA: record the decode graphs with their NCCL all-reduces (experimental).
     graphs_across_ranks: bool = True
+    # nproc > 1 on CUDA: decode steps' row-parallel sums through peer memory (model/peer_sum.py).
+    peer_all_reduce: bool = False
     speculative_decoding: bool = False
     # Pipelined decode steps (model/engine.py): None, on CUDA only (on CPU they overlap
     # nothing); the tests turn them on, the benchmarks off to compare.
@@ -83,6 +85,7 @@ def settings_from(config: Any, **overrides: Any) -> WorkerSettings:
             "kv_cache_fraction",
             "fast_kernels",
             "graphs_across_ranks",
+            "peer_all_reduce",
             "speculative_decoding",
             "load_timeout_s",
             "request_timeout_s",

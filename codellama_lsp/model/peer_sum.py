@@ -1,0 +1,94 @@
+"""Row-parallel products summed over the ranks through each other's memory ("peer sums").
+
+Why: split over ranks, every layer ends its attention and its feed-forward with a row-parallel
+product (`wo`, `w2`) whose partial rows the ranks must sum: 80 all-reduces in a 13B decode step.
+Through NCCL each is a kernel of its own and costs ~15-20 us in a graph; one rank's own work
+leaves ~7 us per all-reduce for the MP=2 target (BENCHMARKS.md, sixth session). Here the sum is
+folded into the kernel that needs it, the residual add + RMSNorm after the product:
+
+- the product writes this rank's partial rows into slot `k` of a buffer that every rank can
+  address (`parallel.peer_buffer`: symmetric memory on GPUs);
+- the add + RMSNorm kernel (one program per row) tells every rank that its row `j` of slot `k`
+  is there (a flag per slot, row and source rank, set to the slot's round, released at system
+  scope), waits until every rank said the same, then reads the row from every rank and sums it
+  in rank order in float32, rounded once to the activations' dtype (what an all-reduce of two
+  ranks gives; every rank computes the same values), and goes on as `layer_kernels`' add +
+  RMSNorm.
+
+A forward takes the slots in order, one per row-parallel product, so slot `k` is written again
+only by a later forward. By then every rank has passed slot `k + 1`'s wait (or the next forward's
+slot 0's), and a rank arrives there only after it finished reading slot `k`: kernels run in
+stream order, and with dependent launch each first waits for the one before it. Rounds count up
+per (slot, row) on each rank; both ranks run the same forwards, so they agree.
+
+Only one-token steps and short forwards use it (`max_rows`); longer ones, or a product whose
+output is not the model's width, go through the all-reduce as before. Every rank decides the
+same way, from the same shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from codellama_lsp.model import gemv, layer_kernels, parallel
+from codellama_lsp.model.layer_kernels import PeerRows
+
+
+@dataclass(frozen=True)
+class PeerPartial:
+    """This rank's partial rows of a row-parallel product, in slot `slot` of the peer buffer:
+    what the next add + RMSNorm sums over the ranks (`PeerSums.add_rms_norm`)."""
+
+    slot: int
+    rows: torch.Tensor  # `[..., dim]`, a view into this rank's buffer
+
+
+class PeerSums:
+    """The peer buffers of one model on this rank and the slot cursor of the running forward."""
+
+    def __init__(
+        self, n_slots: int, max_rows: int, dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.n_slots, self.max_rows, self.dim = n_slots, max_rows, dim
+        self.rank, self.world = parallel.model_parallel_rank(), parallel.model_parallel_world_size()
+        entries = n_slots * max_rows
+        self.data = parallel.peer_buffer(entries * dim, dtype, device)
+        self.flags = parallel.peer_buffer(entries * self.world, torch.int32, device)
+        self.rounds = torch.zeros(entries, dtype=torch.int32, device=device)
+        self._next_slot = 0
+
+    def begin_forward(self) -> None:
+        """A forward starts: its products take the slots from the first."""
+        self._next_slot = 0
+
+    def product(self, x: torch.Tensor, w: torch.Tensor) -> PeerPartial | None:
+        """`x @ w.T` written into the next slot, or None (then the caller all-reduces) when it
+        does not fit a slot: more rows than `max_rows`, another width, no slot left."""
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        fits = 0 < rows <= self.max_rows and w.shape[0] == self.dim
+        if not fits or self._next_slot >= self.n_slots or x.dtype != self.data.local.dtype:
+            return None
+        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        start = slot * self.max_rows * self.dim
+        out = self.data.local[start : start + rows * self.dim].view(*x.shape[:-1], self.dim)
+        gemv.linear(x, w, out=out)
+        return PeerPartial(slot, out)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, partial: PeerPartial, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fused.add_rms_norm(x, delta, ...)` where `delta` is `partial` summed over the ranks
+        (`layer_kernels.peer_add_rms_norm`)."""
+        if x.shape != partial.rows.shape or not x.is_contiguous():
+            raise ValueError(f"peer sum of {tuple(partial.rows.shape)} onto {tuple(x.shape)}")
+        peers = PeerRows(
+            self.data.addresses,
+            self.flags.addresses,
+            self.rounds,
+            first_entry=partial.slot * self.max_rows,
+            rank=self.rank,
+            world=self.world,
+        )
+        return layer_kernels.peer_add_rms_norm(x, weight, eps, peers)

@@ -1,0 +1,130 @@
+"""Peer sums (`model/peer_sum.py`): row-parallel products summed over the ranks inside the add +
+RMSNorm kernel, through buffers every rank addresses. On the CPU the kernels run in Triton's
+interpreter and the ranks' buffers are shared files, so two rank processes really wait for each
+other's flags and read each other's rows. (A whole model served this way over two ranks:
+`test_triton_kernels`' two-rank engine test with `peer_sums`.)"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from rank_support import run_ranks
+
+from codellama_lsp.config import Config, add_model_arguments, apply_settings, config_from_cli_args
+from codellama_lsp.model import gemv, layer_kernels, parallel
+from codellama_lsp.model.peer_sum import PeerSums
+from codellama_lsp.model.transformer import Transformer
+from codellama_lsp.worker.settings import settings_from
+
+pytest.importorskip("triton")
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's CPU tests"),
+    pytest.mark.usefixtures("triton_interpreter"),
+]
+
+DIM, SLOTS, MAX_ROWS = 64, 2, 4
+FORWARDS = 3  # each slot used three times: its rounds count 1, 2, 3
+
+
+def _operands(rank: int, forward: int, rows: int) -> tuple[torch.Tensor, ...]:
+    """This rank's input rows and weight for a forward, and the residual and norm weight every
+    rank shares."""
+    own = torch.Generator().manual_seed(100 * rank + forward)
+    shared = torch.Generator().manual_seed(7 + forward)
+    x = torch.randn(rows, 1, DIM // 2, generator=own)
+    w = torch.randn(DIM, DIM // 2, generator=own)
+    h = torch.randn(rows, 1, DIM, generator=shared)
+    norm = torch.rand(DIM, generator=shared)
+    return x, w, h, norm
+
+
+def _forwards(sums: PeerSums) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`FORWARDS` forwards of two row-parallel products each (1 row, then 3), summed."""
+    results = []
+    for forward in range(FORWARDS):
+        sums.begin_forward()
+        for rows in (1, 3):
+            x, w, h, norm = _operands(sums.rank, forward, rows)
+            partial = sums.product(x, w)
+            assert partial is not None
+            results.append(sums.add_rms_norm(h, partial, norm, 1e-5))
+    return results
+
+
+def _rank_main(rank: int, store: str, out: str) -> None:
+    parallel.init_model_parallel(2, rank, "gloo", f"file://{store}", timeout_s=60)
+    try:
+        sums = PeerSums(SLOTS, MAX_ROWS, DIM, torch.float32, torch.device("cpu"))
+        results = _forwards(sums)
+        torch.save({"results": results, "rounds": sums.rounds.clone()}, f"{out}/rank{rank}.pt")
+    finally:
+        parallel.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_sum_each_others_rows_in_rank_order(tmp_path: Path) -> None:
+    assert run_ranks(_rank_main, (str(tmp_path / "store"), str(tmp_path))) == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    index = 0
+    for forward in range(FORWARDS):
+        for rows in (1, 3):
+            products = [gemv.linear(*_operands(r, forward, rows)[:2]) for r in range(2)]
+            _, _, h, norm = _operands(0, forward, rows)
+            want = layer_kernels.add_rms_norm(h, products[0] + products[1], norm, 1e-5)
+            for rank in ranks:  # bit for bit, on both ranks
+                got = rank["results"][index]
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            index += 1
+    # Rounds per (slot, row): slot 0 summed one row per forward, slot 1 three.
+    counts = torch.tensor([[FORWARDS, 0, 0, 0], [FORWARDS, FORWARDS, FORWARDS, 0]])
+    for rank in ranks:
+        assert torch.equal(rank["rounds"].view(SLOTS, MAX_ROWS), counts.int())
+
+
+def test_one_rank_sums_its_own_rows_and_signals_itself(single_process: None) -> None:
+    sums = PeerSums(SLOTS, MAX_ROWS, DIM, torch.float32, torch.device("cpu"))
+    x, w, h, norm = _operands(0, 0, 2)
+    sums.begin_forward()
+    partial = sums.product(x, w)
+    assert partial is not None and partial.slot == 0
+    got = sums.add_rms_norm(h, partial, norm, 1e-5)
+    want = layer_kernels.add_rms_norm(h, gemv.linear(x, w), norm, 1e-5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # Its flag for row 0 and 1 of slot 0 (world 1: one flag per entry) says round 1.
+    assert sums.flags.local[:3].tolist() == [1, 1, 0]
+
+
+def test_products_that_do_not_fit_a_slot_are_left_to_the_all_reduce(single_process: None) -> None:
+    sums = PeerSums(SLOTS, MAX_ROWS, DIM, torch.float32, torch.device("cpu"))
+    sums.begin_forward()
+    x, w, _, _ = _operands(0, 0, MAX_ROWS + 1)
+    assert sums.product(x, w) is None  # more rows than a slot holds
+    assert sums.product(x[:1], w[:8]) is None  # not the model's width
+    assert sums.product(x[:1].double(), w.double()) is None  # not the buffer's dtype
+    taken = [sums.product(x[:1], w) for _ in range(SLOTS + 1)]
+    assert [p.slot if p else None for p in taken] == [0, 1, None]  # no slot left
+    sums.begin_forward()  # the next forward starts from the first slot again
+    again = sums.product(x[:1], w)
+    assert again is not None and again.slot == 0
+
+
+def test_a_model_of_one_rank_has_nothing_to_sum(tiny_model: Transformer) -> None:
+    tiny_model.use_peer_sums(8)
+    assert tiny_model.peer_sums is None
+
+
+def test_the_setting_and_flag_reach_the_worker_settings() -> None:
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(["--ckpt-dir", "/m", "--peer-all-reduce", "true"])
+    assert settings_from(config_from_cli_args(args).model).peer_all_reduce
+    args = parser.parse_args(["--ckpt-dir", "/m"])
+    assert not settings_from(config_from_cli_args(args).model).peer_all_reduce  # default
+    edited, problems = apply_settings(Config(), {"model": {"peerAllReduce": True}})
+    assert problems == [] and edited.model.peer_all_reduce
+    _, problems = apply_settings(Config(), {"model": {"peerAllReduce": "yes please"}})
+    assert len(problems) == 1 and "peerAllReduce" in problems[0].key
