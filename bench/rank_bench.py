@@ -17,7 +17,10 @@ the copy rate measured in the same process.
 `--variants` times the fast path's kernel variants alternately in this one process (each with
 graphs of its own), `--rounds` times over: `fused` (the default: kernels launched as
 programmatic dependents, attention's spans merged by its split kernel), `no_pdl`, `no_merge`,
-and `fifth` (the fifth session's kernels: neither).
+`fifth` (the fifth session's kernels: neither), and `peer` (`fused` with the row-parallel sums
+through peer memory, `model/peer_sum.py`: with --world > 1 the absent peers' rows are zeros
+and their flags always set, so the step holds the fused kernels' own work, the peers' reads
+from local memory, and no collective but the logits' all-gather).
 
     python bench/rank_bench.py --model 13b --world 2 [--profile] [--json results.json]
     python bench/rank_bench.py --model 7b --world 1 --variants fused,fifth --rounds 2
@@ -43,6 +46,7 @@ from codellama_lsp.model.cuda_graphs import GraphedDecoder
 from codellama_lsp.model.fused import LayerOps
 from codellama_lsp.model.kv_cache import KVCache
 from codellama_lsp.model.kv_pages import kv_bytes_per_token
+from codellama_lsp.model.peer_sum import PeerSums
 from codellama_lsp.model.transformer import Transformer, build_transformer
 
 
@@ -66,23 +70,28 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-# name: (programmatic dependent launch, attention's spans merged by its split kernel)
+# name: (programmatic dependent launch, attention's spans merged by its split kernel, peer sums)
 VARIANTS = {
-    "fused": (True, True),
-    "no_pdl": (False, True),
-    "no_merge": (True, False),
-    "fifth": (False, False),
+    "fused": (True, True, False),
+    "no_pdl": (False, True, False),
+    "no_merge": (True, False, False),
+    "fifth": (False, False, False),
+    "peer": (True, True, True),
 }
 
 
-def use_variant(model: Transformer, fast_ops: LayerOps, name: str) -> None:
-    """The fast path's kernels as variant `name` (`VARIANTS`), for graphs recorded from now on."""
-    dependent, merged = VARIANTS[name]
+def use_variant(
+    model: Transformer, fast_ops: LayerOps, name: str, peers: PeerSums | None = None
+) -> None:
+    """The fast path's kernels as variant `name` (`VARIANTS`), for graphs recorded from now on;
+    `peers`: the model's peer sums for the variants that use them."""
+    dependent, merged, peer = VARIANTS[name]
     triton_support.set_dependent_launch(dependent)
     attend = fast_ops.decode_attention
     if attend is not None and not merged:
         attend = functools.partial(decode_attention.attend, merged=False)
     model.ops = dataclasses.replace(fast_ops, decode_attention=attend)
+    model.peer_sums = peers if peer else None
 
 
 def random_rank_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -139,9 +148,13 @@ def main() -> None:
     first = loops.prefill(model, cache, prompts)
     label = f"{shape}_mp{run.world}_rank" if run.world > 1 else f"{shape}_mp1"
     fast_ops, variants = model.ops, run.variants.split(",")
+    peers = None
+    if "peer" in variants and run.world > 1:
+        model.use_peer_sums(max(batches))
+        peers = model.peer_sums
     for _ in range(run.rounds):
         for variant in variants:
-            use_variant(model, fast_ops, variant)
+            use_variant(model, fast_ops, variant, peers)
             decoder = GraphedDecoder(model, cache, mode=mode, allow_collectives=True)
             suffix = "" if variants == ["fused"] else f"_{variant}"
             for b in batches:
@@ -150,6 +163,8 @@ def main() -> None:
                 seconds = timed.seconds / steps
                 floor = rank_bytes(model, b, ctx + steps / 2) / copy
                 note = f"{seconds * 1e3:.3f} ms/step; floor {floor * 1e3:.3f} ms; ctx {ctx}; {mode}"
+                if model.peer_sums is not None:  # that the kernels did sum through the slots
+                    note += f"; peer rounds {int(model.peer_sums.rounds.max())} per slot row"
                 tok_s, pct = b / seconds, 100 * floor / seconds
                 out.add(f"decode_{label}_b{b}{suffix}", tok_s, "tok/s", pct, note)
                 if run.profile:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The landed fast path checked on one GPU in one device call, most needed first: peer sums at
 # world size 1 (`scripts/gpu_peer_check.py`), the GPU test files, the landed kernels' greedy
-# batch-1 tokens against the eager path's (7B), one rank of 13B MP=2 alone, the GEMV chain
+# batch-1 tokens against the eager path's (7B), one rank of 13B MP=2 alone with its all-reduces
+# faked and with peer sums whose absent peers have always arrived, the GEMV chain
 # with and without dependent launches. With --serving instead: the worker group, the language
 # server's replay and the out-of-memory check on 7B (run_serving.sh's steps, shorter).
 # Records in $OUT/results.json.
@@ -29,7 +30,7 @@ step 90 "GPU tests, fast paths" python3 -m pytest -q -p no:cacheprovider -x -m g
   tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
 step 90 "7b landed kernels' tokens" python3 bench/rank_bench.py --model 7b --world 1 \
   --variants fused --rounds 1 --exact-prompts 4 --json "$R"
-step 90 "13b MP=2 rank" python3 bench/rank_bench.py --model 13b --world 2 \
-  --variants fused --rounds 2 --profile --json "$R"
+step 120 "13b MP=2 rank, peer sums" python3 bench/rank_bench.py --model 13b --world 2 \
+  --variants fused,peer --rounds 2 --profile --json "$R"
 step 60 "gemv fusion" python3 bench/gemv_bench.py --fusion --json "$R"
 echo "=== done ($(date -u +%T))"

@@ -85,6 +85,38 @@ def test_two_ranks_sum_each_others_rows_in_rank_order(tmp_path: Path) -> None:
         assert torch.equal(rank["rounds"].view(SLOTS, MAX_ROWS), counts.int())
 
 
+def _simulated_main(rank: int, out: str) -> None:
+    parallel.init_simulated_rank(2)
+    try:
+        sums = PeerSums(SLOTS, MAX_ROWS, DIM, torch.float32, torch.device("cpu"))
+        x, w, h, norm = _operands(0, 0, 2)
+        sums.begin_forward()
+        partial = sums.product(x, w)
+        assert partial is not None
+        got = sums.add_rms_norm(h, partial, norm, 1e-5)
+        want = layer_kernels.add_rms_norm(h, gemv.linear(x, w), norm, 1e-5)
+        torch.save(
+            {
+                "same": [torch.equal(a, b) for a, b in zip(got, want, strict=True)],
+                "rounds": sums.rounds,
+            },
+            f"{out}/simulated.pt",
+        )
+    finally:
+        parallel.shutdown()
+
+
+def test_a_simulated_ranks_absent_peers_add_nothing_and_never_keep_it_waiting(
+    tmp_path: Path,
+) -> None:
+    """One rank of two alone (the benchmarks' `rank_bench.py --variants peer`): the kernel runs
+    its whole protocol against stand-in peers without waiting."""
+    assert run_ranks(_simulated_main, (str(tmp_path),), world=1, timeout_s=120) == [0]
+    result = torch.load(tmp_path / "simulated.pt")
+    assert result["same"] == [True, True]
+    assert result["rounds"][:3].tolist() == [1, 1, 0]
+
+
 def test_one_rank_sums_its_own_rows_and_signals_itself(single_process: None) -> None:
     sums = PeerSums(SLOTS, MAX_ROWS, DIM, torch.float32, torch.device("cpu"))
     x, w, h, norm = _operands(0, 0, 2)

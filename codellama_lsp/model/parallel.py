@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _control_group: Any = None
+# Set by `init_simulated_rank`: the peers do not exist (`peer_buffer` stands in for theirs).
+_simulated = {"rank": False}
 
 # Newer torch deprecates all_gather_tensor for all_gather_single, which older torch lacks.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -86,6 +88,7 @@ def init_simulated_rank(world_size: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    _simulated["rank"] = True
     _init_fairscale(world_size)
 
 
@@ -146,12 +149,23 @@ class PeerBuffer:
     keep_alive: Any  # what maps the peers' buffers here (they live as long as it does)
 
 
-def peer_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> PeerBuffer:
+def peer_buffer(
+    numel: int, dtype: torch.dtype, device: torch.device, absent_peers_hold: float = 0
+) -> PeerBuffer:
     """A zeroed buffer of `numel` values on every rank, mapped into every rank's address space.
     Collective: every rank calls it with the same arguments.
 
     On GPUs it is torch's symmetric memory (peer mappings over NVLink or PCIe). CPU ranks (the
-    tests, with the kernels in Triton's interpreter) share files mapped by every rank."""
+    tests, with the kernels in Triton's interpreter) share files mapped by every rank. In a
+    simulated rank (`init_simulated_rank`) the peers' buffers are one local buffer, and every
+    value, this rank's too, starts as `absent_peers_hold`."""
+    if _simulated["rank"]:
+        world = model_parallel_world_size()
+        local, absent = (
+            torch.full((numel,), absent_peers_hold, dtype=dtype, device=device) for _ in range(2)
+        )
+        pointers = [local.data_ptr()] + [absent.data_ptr()] * (world - 1)
+        return PeerBuffer(local, torch.tensor(pointers, dtype=torch.int64, device=device), absent)
     if device.type == "cuda":
         return _symmetric_buffer(numel, dtype, device)
     return _shared_file_buffer(numel, dtype)
@@ -207,3 +221,4 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _control_group = None
+    _simulated["rank"] = False

@@ -55,7 +55,9 @@ class PeerSums:
         self.rank, self.world = parallel.model_parallel_rank(), parallel.model_parallel_world_size()
         entries = n_slots * max_rows
         self.data = parallel.peer_buffer(entries * dim, dtype, device)
-        self.flags = parallel.peer_buffer(entries * self.world, torch.int32, device)
+        # A simulated rank's absent peers have always arrived (`parallel.init_simulated_rank`).
+        arrived = torch.iinfo(torch.int32).max
+        self.flags = parallel.peer_buffer(entries * self.world, torch.int32, device, arrived)
         self.rounds = torch.zeros(entries, dtype=torch.int32, device=device)
         self._next_slot = 0
 
