@@ -17,7 +17,8 @@ the copy rate measured in the same process.
 `--variants` times the fast path's kernel variants alternately in this one process (each with
 graphs of its own), `--rounds` times over: `fused` (the default: kernels launched as
 programmatic dependents, attention's spans merged by its split kernel), `no_pdl`, `no_merge`,
-`fifth` (the fifth session's kernels: neither), and `peer` (`fused` with the row-parallel sums
+`fifth` (the fifth session's kernels: neither), `swiglu` (`fused` with the feed-forward's
+hidden state from one kernel, `gemv.swiglu`) and `peer` (`fused` with the row-parallel sums
 through peer memory, `model/peer_sum.py`: with --world > 1 the absent peers' rows are zeros
 and their flags always set, so the step holds the fused kernels' own work, the peers' reads
 from local memory, and no collective but the logits' all-gather).
@@ -40,7 +41,7 @@ import torch
 from common import Results, base_parser
 from random_weights import SHAPES
 
-from codellama_lsp.model import decode_attention, parallel, triton_support
+from codellama_lsp.model import decode_attention, gemv, parallel, triton_support
 from codellama_lsp.model.args import ModelArgs
 from codellama_lsp.model.cuda_graphs import GraphedDecoder
 from codellama_lsp.model.fused import LayerOps
@@ -70,13 +71,15 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-# name: (programmatic dependent launch, attention's spans merged by its split kernel, peer sums)
+# name: (programmatic dependent launch, attention's spans merged by its split kernel, peer sums,
+# the SwiGLU GEMV)
 VARIANTS = {
-    "fused": (True, True, False),
-    "no_pdl": (False, True, False),
-    "no_merge": (True, False, False),
-    "fifth": (False, False, False),
-    "peer": (True, True, True),
+    "fused": (True, True, False, False),
+    "no_pdl": (False, True, False, False),
+    "no_merge": (True, False, False, False),
+    "fifth": (False, False, False, False),
+    "peer": (True, True, True, False),
+    "swiglu": (True, True, False, True),
 }
 
 
@@ -85,12 +88,13 @@ def use_variant(
 ) -> None:
     """The fast path's kernels as variant `name` (`VARIANTS`), for graphs recorded from now on;
     `peers`: the model's peer sums for the variants that use them."""
-    dependent, merged, peer = VARIANTS[name]
+    dependent, merged, peer, swiglu = VARIANTS[name]
     triton_support.set_dependent_launch(dependent)
     attend = fast_ops.decode_attention
     if attend is not None and not merged:
         attend = functools.partial(decode_attention.attend, merged=False)
-    model.ops = dataclasses.replace(fast_ops, decode_attention=attend)
+    gated = gemv.swiglu if swiglu else None
+    model.ops = dataclasses.replace(fast_ops, decode_attention=attend, swiglu=gated)
     model.peer_sums = peers if peer else None
 
 

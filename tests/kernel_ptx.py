@@ -57,7 +57,8 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
     add_norm, silu, peer_add_norm = layer_kernels._kernels()
     gemv_shape = {"BLOCK_N": 16, "BLOCK_K": 256, "EVEN_N": True, "EVEN_K": True, "LINES": 4}
     return [
-        ("gemv", gemv._kernel(), gemv_shape),
+        ("gemv", gemv._kernel(), {**gemv_shape, "GATED": False}),
+        ("gemv_gated", gemv._kernel(), {**gemv_shape, "GATED": True}),
         ("split", split, {"D": 128, "BLOCK_T": 32, "STAGES": None, "MERGE": True, "SPANS": 16}),
         ("merge", merge, {"D": 128, "SPANS": 16}),
         ("kv_write", kv_write._kernel(), {"H_KV": 32, "HEADS": 4, "D": 128}),

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 KERNELS = [
     "gemv",
+    "gemv_gated",
     "split",
     "merge",
     "kv_write",
@@ -67,7 +68,7 @@ def test_dependent_launch_waits_before_any_load_of_activations_or_store(
     before = body[:wait]
     assert not GLOBAL_STORE.search(before), f"{name} stores before its wait"
     assert bool(GLOBAL_LOAD.search(before)) == (name in EARLY_READERS), f"{name}'s loads"
-    if name == "gemv":
+    if name.startswith("gemv"):
         assert "prefetch.global.L2" in before, "gemv prefetches its first tile"
     assert GLOBAL_STORE.search(body[wait:]), f"{name} compiled to nothing"
 

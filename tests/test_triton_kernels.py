@@ -9,6 +9,7 @@ ones are then `test_fast_paths`'s GPU test); bench/ times the kernels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -71,6 +72,25 @@ def test_gemv_computes_the_product(n: int, k: int, dtype: torch.dtype) -> None:
         got = gemv.gemv(x, w, config)
         assert got.shape == (1, 1, n) and got.dtype == dtype
         assert _rel_err(got, want) < tolerance, config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden, k", [(64, 256), (48, 300), (256, 1024)])
+def test_swiglu_gemv_gives_the_product_then_silu_mul_bit_for_bit(
+    hidden: int, k: int, dtype: torch.dtype
+) -> None:
+    """One kernel for the feed-forward's hidden state: the same values as the product's two
+    halves through the SwiGLU kernel (each rounded where the reference rounds)."""
+    g = torch.Generator().manual_seed(hidden + k)
+    x = torch.randn(1, 1, k, generator=g).to(DEVICE, dtype)
+    w13 = (torch.randn(2 * hidden, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    for config in [None, *GPU_CONFIGS]:  # even and masked rows and columns
+        gate, up = gemv.gemv(x, w13, config).chunk(2, dim=-1)  # the same sums in the same order
+        got = gemv.gemv(x, w13, config, gated=True)
+        assert got.shape == (1, 1, hidden), config
+        assert torch.equal(got, layer_kernels.silu_mul(gate, up)), config
+    assert gemv.swiglu(x.expand(2, 1, k), w13) is None  # more rows: product, then SwiGLU
+    assert gemv.swiglu(x, w13[:-1]) is None  # no halves
 
 
 def test_linear_sends_only_one_row_products_to_the_kernel() -> None:
@@ -387,6 +407,17 @@ def test_model_decode_through_the_kernels_equals_the_plain_forward(
     want, got = _two_rows_decoding(tiny_model), _two_rows_decoding(kernel_model)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@cpu_only
+def test_the_swiglu_gemv_changes_no_logit(kernel_model: Transformer) -> None:
+    want = _two_rows_decoding(kernel_model)
+    kernel_model.ops = dataclasses.replace(kernel_model.ops, swiglu=gemv.swiglu)
+    try:
+        got = _two_rows_decoding(kernel_model)
+    finally:
+        kernel_model.ops = dataclasses.replace(kernel_model.ops, swiglu=None)
+    assert torch.equal(got, want)
 
 
 @cpu_only

@@ -98,6 +98,9 @@ class LayerOps:
     decode_attention: DecodeAttentionFn | None = None
     # Writing new keys and values into the cache's pages; None: the cache's own `write`.
     write_kv: WriteFn | None = None
+    # The feed-forward's hidden state from its stacked w1/w3 in one kernel (`gemv.swiglu`), or
+    # None where that kernel does not run; None: the product, then `silu_mul`.
+    swiglu: Callable[[Tensor, Tensor], Tensor | None] | None = None
     compiled: bool = False  # any piece through compiled kernels (torch.compile or Triton)
 
     @staticmethod

@@ -75,14 +75,31 @@ def linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) ->
     return gemv(x, w, out=out)
 
 
+def swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor | None:
+    """`silu(x @ w1.T) * (x @ w3.T)` for one row, where `w13` is w1 and w3 stacked (`[2H, K]`):
+    the feed-forward's hidden state from one kernel (each program takes gate row i and up row
+    `H + i` together and applies SwiGLU to its sums, rounded as `fused.silu_mul` rounds them).
+    None where the kernel does not run (more rows, no Triton): then the product and SwiGLU go
+    separately."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    n, k = w13.shape
+    if rows != 1 or n % 2 or not available(x.device) or x.shape[-1] != k:
+        return None
+    if w13.stride(1) != 1 or not w13.dtype.is_floating_point:
+        return None
+    return gemv(x, w13, gated=True)
+
+
 def gemv(
     x: torch.Tensor,
     w: torch.Tensor,
     config: GemvConfig | None = None,
     out: torch.Tensor | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """`x [..., K]` (one row) times `w [N, K]`^T: `[..., N]` in x's dtype, into `out` (N
-    contiguous values) when given."""
+    contiguous values) when given; `gated`: SwiGLU of its two halves instead (`swiglu`),
+    `[..., N / 2]`."""
     n, k = w.shape
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"gemv needs one row of {k}, got {tuple(x.shape)}")
@@ -92,10 +109,11 @@ def gemv(
     vec = x.reshape(k)
     if vec.stride(0) != 1:
         vec = vec.contiguous()
+    n_out = n // 2 if gated else n
     if out is None:
-        out = torch.empty(n, dtype=x.dtype, device=x.device)
-    elif out.numel() != n or not out.is_contiguous() or out.dtype != x.dtype:
-        raise ValueError(f"gemv writes {n} contiguous {x.dtype} values, got {tuple(out.shape)}")
+        out = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    elif out.numel() != n_out or not out.is_contiguous() or out.dtype != x.dtype:
+        raise ValueError(f"gemv writes {n_out} {x.dtype} values, got {tuple(out.shape)}")
     kernel = _kernel()
     grid = (cdiv(n, cfg.block_n),)
     kernel[grid](
@@ -110,11 +128,12 @@ def gemv(
         EVEN_N=n % cfg.block_n == 0,
         EVEN_K=k % cfg.block_k == 0,
         LINES=max(1, cfg.block_k // PREFETCH_STEP),
+        GATED=gated,
         num_warps=cfg.warps,
         num_stages=cfg.stages,
         **launch_options(x.device),
     )
-    return out.view(*x.shape[:-1], n)
+    return out.view(*x.shape[:-1], n_out)
 
 
 @functools.cache
@@ -137,9 +156,15 @@ def _kernel() -> Any:
         EVEN_N: tl.constexpr,  # type: ignore[name-defined]
         EVEN_K: tl.constexpr,  # type: ignore[name-defined]
         LINES: tl.constexpr,  # type: ignore[name-defined]
+        GATED: tl.constexpr,  # type: ignore[name-defined]
         PDL: tl.constexpr,  # type: ignore[name-defined]
     ):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if GATED:  # gate row i and up row n/2 + i side by side: BLOCK_N / 2 of each
+            pair = tl.arange(0, BLOCK_N)
+            gate = tl.program_id(0) * (BLOCK_N // 2) + pair // 2
+            rows = gate + (pair % 2) * (n // 2)
+        else:
+            rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
         if PDL:
@@ -170,10 +195,18 @@ def _kernel() -> Any:
                 xv = tl.load(x_ptr + start + cols, mask=col_ok, other=0.0)
             acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
-        total = tl.sum(acc, axis=1)
+        total = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
+        if GATED:
+            # SwiGLU as `fused.silu_mul`: on the rounded sums, SiLU rounded before the product.
+            gate_sum, up_sum = tl.split(tl.reshape(total, (BLOCK_N // 2, 2)))
+            g, up = gate_sum.to(tl.float32), up_sum.to(tl.float32)
+            silu = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+            total = (silu * up).to(out_ptr.dtype.element_ty)
+            rows = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            n = n // 2
         if EVEN_N:
-            tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + rows, total)
         else:
-            tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=rows < n)
+            tl.store(out_ptr + rows, total, mask=rows < n)
 
     return gemv_kernel

@@ -251,11 +251,16 @@ class FeedForward(nn.Module):
     def forward(
         self, x: torch.Tensor, ops: LayerOps, peers: PeerSums | None = None
     ) -> torch.Tensor | PeerPartial:
-        if self.w13 is None:
-            gate, up = self.w1(x, ops.linear), self.w3(x, ops.linear)
-        else:
-            gate, up = ops.linear(x, self.w13).chunk(2, dim=-1)
-        return self.w2(ops.silu_mul(gate, up), ops.linear, peers)
+        hidden = None
+        if self.w13 is not None and ops.swiglu is not None:
+            hidden = ops.swiglu(x, self.w13)
+        if hidden is None:
+            if self.w13 is None:
+                gate, up = self.w1(x, ops.linear), self.w3(x, ops.linear)
+            else:
+                gate, up = ops.linear(x, self.w13).chunk(2, dim=-1)
+            hidden = ops.silu_mul(gate, up)
+        return self.w2(hidden, ops.linear, peers)
 
 
 class TransformerBlock(nn.Module):
