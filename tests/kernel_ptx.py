@@ -19,6 +19,7 @@ from codellama_lsp.model import decode_attention, gemv, kv_write, layer_kernels,
 HOPPER = GPUTarget("cuda", 90, 32)
 FLOAT32_POINTERS = {"table_ptr", "partial_ptr", "lse_ptr"}
 FLOAT_SCALARS = {"eps", "scale"}
+ALIGNED_INTS = {"dim"}
 INT64_POINTERS = {"rows_ptr", "start_ptr", "data_addresses", "flag_addresses"}
 INT32_POINTERS = {"count_ptr", "rounds_ptr"}
 
@@ -47,7 +48,12 @@ def _signature(kernel: Any, constexprs: dict[str, Any]) -> dict[str, str]:
 
 
 def _ptx(kernel: Any, constexprs: dict[str, Any], warps: int = 4) -> str:
-    source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs), constexprs=constexprs)
+    signature = _signature(kernel, constexprs)
+    # As a GPU launch specializes them: tensors' pointers (16-byte aligned) and the model's
+    # width (a multiple of 16).
+    divisible = [n for n, t in signature.items() if t.startswith("*") or n in ALIGNED_INTS]
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(signature) if n in divisible}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": warps, "launch_pdl": constexprs["PDL"]}
     return str(triton.compile(source, target=HOPPER, options=options).asm["ptx"])
 

@@ -93,3 +93,5 @@ def test_peer_sums_signal_and_wait_at_system_scope(ptx: dict[str, dict[str, str]
         uncached = re.search(r"ld\.global\.cv", body)
         assert release and acquire and uncached, variant
         assert release.start() < acquire.start() < uncached.start(), variant
+        # The rows are read 16 bytes a load (the buffers' alignment told to the compiler).
+        assert "ld.global.cv.v4" in body and "ld.global.cv.b16" not in body, variant

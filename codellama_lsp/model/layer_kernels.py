@@ -214,8 +214,8 @@ def _kernels() -> tuple[Any, Any, Any]:
         for p in tl.static_range(WORLD):  # in rank order: the same sum on every rank
             # Peer buffers start page-aligned: said here, rows of a width Triton sees to be a
             # multiple of 16 load as vectors.
-            address = tl.multiple_of(tl.load(data_addresses + p), 16)
-            data = address.to(tl.pointer_type(h_ptr.dtype.element_ty))
+            address = tl.load(data_addresses + p)
+            data = tl.multiple_of(address.to(tl.pointer_type(h_ptr.dtype.element_ty)), 16)
             # ".cv": the peer's row as it is now, not a copy an earlier step left in a cache.
             at_row = entry.to(tl.int64) * dim + cols
             row = tl.load(data + at_row, mask=ok, other=0.0, cache_modifier=".cv")
