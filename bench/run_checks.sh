@@ -27,11 +27,11 @@ fi
 step 90 "peer sums, world 1" python3 scripts/gpu_peer_check.py
 step 60 "GPU tests, kernels" python3 -m pytest -q -p no:cacheprovider -x \
   tests/test_triton_kernels.py
-step 90 "GPU tests, fast paths" python3 -m pytest -q -p no:cacheprovider -x -m gpu \
-  tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
-step 120 "7b landed kernels and the SwiGLU GEMV" python3 bench/rank_bench.py --model 7b \
-  --world 1 --variants fused,swiglu --rounds 2 --exact-prompts 3 --json "$R"
 step 120 "13b MP=2 rank, peer sums" python3 bench/rank_bench.py --model 13b --world 2 \
   --variants fused,peer,swiglu --rounds 2 --profile --json "$R"
+step 120 "7b landed kernels and the SwiGLU GEMV" python3 bench/rank_bench.py --model 7b \
+  --world 1 --variants fused,swiglu --rounds 2 --exact-prompts 3 --json "$R"
+step 90 "GPU tests, fast paths" python3 -m pytest -q -p no:cacheprovider -x -m gpu \
+  tests/test_fast_paths.py tests/test_cuda_graphs.py tests/test_engine_pipeline.py
 step 60 "gemv fusion" python3 bench/gemv_bench.py --fusion --json "$R"
 echo "=== done ($(date -u +%T))"
