@@ -55,3 +55,22 @@ def test_counts_are_the_document_encodings_lengths_and_lines_are_remembered(
     assert tok.count_document(text) == len(tok.encode_document(text))
     remembered = len(text) <= 512  # lines, not whole windows
     assert tok._count_short.cache_info().hits == before + remembered
+
+
+def test_a_window_counted_then_encoded_is_encoded_once_and_callers_get_their_own_lists(
+    tok: Tokenizer,
+) -> None:
+    """A completion counts its window's prefix, then encodes it into the prompt: the second
+    is the first's encoding kept (a keystroke's ~1 ms), and what a caller does to its list
+    changes no later answer."""
+    prefix = "def add(a, b):\n    return a + b\n" * 40
+    misses = tok._encode_kept.cache_info().misses
+    count = tok.count_document(prefix)
+    ids = tok.encode_document(prefix)
+    assert tok._encode_kept.cache_info().misses == misses + 1
+    assert len(ids) == count and ids == tok.encode(prefix)
+    ids.append(-1)
+    assert tok.encode_document(prefix) == tok.encode(prefix)
+    nospace = tok.encode_document_nospace(prefix)
+    nospace.clear()
+    assert tok.encode_document_nospace(prefix) == tok.encode_nospace(prefix)
