@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# 13B split over two GPUs in one device call, most needed first: the copy-rate ceiling, the
+# 13B split over two GPUs in one device call, most needed first: the copy-rate ceiling, peer
+# sums against NCCL's all-reduce bit for bit and timed (`scripts/gpu_peer_check.py`), the
 # worker group (MP=2, graphs across ranks) with its all-reduces through peer memory
 # (`model.peerAllReduce`) and through NCCL, their greedy tokens compared; the all-reduce and a
 # layer's seam alone, each way (`allreduce_bench.py`); last the worker with plain steps.
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 . bench/device_env.sh
 R=$RESULTS
 step 40 ceilings python3 bench/ceilings.py --json "$R"
+step 90 "peer sums against NCCL, 2 GPUs" python3 scripts/gpu_peer_check.py --world 2
 write_checkpoint 13b
 step 100 "worker 13b MP=2, peer sums" python3 bench/bench_worker.py --ckpt-dir "$CKPT/13b" \
   --nproc 2 --batches 1,16 --gen 32 --peer-all-reduce --label _13b_mp2_graphs_peer_sums \
