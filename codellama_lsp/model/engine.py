@@ -140,6 +140,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
 
 
+# The most rows a forward sums through peer memory (`peer_sum`); more go through the all-reduce.
+PEER_ROWS = 64
+
+
 class Engine:
     def __init__(
         self,
@@ -222,8 +226,11 @@ class Engine:
         self.model.fuse_projections()
         self.model.use_compiled_ops(compile_ops)
         if self.peer_all_reduce:
-            # Decode steps of every batch and a keystroke's short tails (`TAIL_WIDTHS`).
-            self.model.use_peer_sums(max(self.max_batch_size, max(TAIL_WIDTHS)))
+            # Decode steps and a keystroke's short tails (`TAIL_WIDTHS`). At most `PEER_ROWS`:
+            # one program per row waits for its peers' program of the same row, so every row's
+            # program should fit on the GPU at once.
+            rows = min(max(self.max_batch_size, max(TAIL_WIDTHS)), PEER_ROWS)
+            self.model.use_peer_sums(rows)
         started = time.monotonic()
         try:
             self._warm_up(capture_kv_len)
