@@ -10,10 +10,7 @@ step's graph holds), and checked against NCCL's eager sum first:
 A graph of the glue alone (the copies between calls) is timed too and subtracted. NVLink
 multicast stays off (`TORCH_SYMM_MEM_DISABLE_MULTICAST=1`, KINDS.md).
 
-Then a layer's seam as the model runs it, `--calls` times in a graph: the all-reduce and the
-residual add + RMSNorm after it, through NCCL then `layer_kernels.add_rms_norm` (`seam_nccl`),
-or in one kernel through peer memory (`seam_peer`: `model/peer_sum.py`, each call its own slot,
-the partial rows written there beforehand), their results compared bit for bit.
+A layer's whole seam (product, sum, add + RMSNorm) each way: `scripts/gpu_peer_check.py`.
 
     python bench/allreduce_bench.py [--rows 1,16] [--calls 80] [--json results.json]
 """
@@ -105,51 +102,6 @@ def _graph_seconds(fn: Callable[[], None], replays: int) -> float:
     return statistics.median(times)
 
 
-def _seams(
-    delta: torch.Tensor, calls: int
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """`calls` seams (all-reduce of `delta`, then add + RMSNorm onto the running residual):
-    through NCCL and the add + RMSNorm kernel, and through peer sums."""
-    from codellama_lsp.model import layer_kernels, parallel
-    from codellama_lsp.model.peer_sum import PeerPartial, PeerSums
-
-    rows, dim = delta.shape
-    weight = torch.ones(dim, dtype=delta.dtype, device=delta.device)
-    sums = PeerSums(calls, rows, dim, delta.dtype, delta.device)
-    partials = []
-    for slot in range(calls):
-        start = slot * rows * dim
-        view = sums.data.local[start : start + rows * dim].view(rows, dim)
-        partials.append(PeerPartial(slot, view.copy_(delta)))
-
-    def nccl(h: torch.Tensor) -> torch.Tensor:
-        for _ in range(calls):
-            h, _ = layer_kernels.add_rms_norm(h, parallel.all_reduce_sum(delta), weight, 1e-5)
-        return h
-
-    def peer(h: torch.Tensor) -> torch.Tensor:
-        for partial in partials:
-            h, _ = sums.add_rms_norm(h, partial, weight, 1e-5)
-        return h
-
-    return nccl, peer
-
-
-def _time_seams(x: torch.Tensor, run: argparse.Namespace, out: Results, world: int) -> None:
-    rows = x.shape[0]
-    nccl, peer = _seams(x, run.calls)
-    residual = torch.zeros_like(x)
-    same = torch.equal(nccl(residual), peer(residual))
-    for name, seams in (("nccl", nccl), ("peer", peer)):
-        result = torch.empty_like(x)
-        seconds = _graph_seconds(
-            lambda f=seams, r=result: r.copy_(f(residual)),
-            run.replays,  # type: ignore[misc]
-        )
-        note = f"{world} ranks, {rows}x{run.dim} bf16, {run.calls} per graph; equal: {same}"
-        out.add(f"seam_{name}_rows{rows}_mp{world}", seconds / run.calls * 1e6, "us", None, note)
-
-
 def _rank(rank: int, world: int, store: str, run: argparse.Namespace) -> None:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -173,7 +125,6 @@ def _rank(rank: int, world: int, store: str, run: argparse.Namespace) -> None:
             per_call = (seconds - glue) / run.calls
             note = f"{world} ranks, {rows}x{run.dim} bf16, max error {error:.3g}; glue excluded"
             out.add(f"allreduce_{name}_rows{rows}_mp{world}", per_call * 1e6, "us", None, note)
-        _time_seams(x, run, out, world)
     if rank == 0:
         out.finish()
     parallel.shutdown()

@@ -2,8 +2,8 @@
 # 13B split over two GPUs in one device call, most needed first: the copy-rate ceiling, peer
 # sums against NCCL's all-reduce bit for bit and timed (`scripts/gpu_peer_check.py`), the
 # worker group (MP=2, graphs across ranks) with its all-reduces through peer memory
-# (`model.peerAllReduce`) and through NCCL, their greedy tokens compared; the all-reduce and a
-# layer's seam alone, each way (`allreduce_bench.py`); last the worker with plain steps.
+# (`model.peerAllReduce`) and through NCCL, their greedy tokens compared; the all-reduce
+# alone, each way (`allreduce_bench.py`); last the worker with plain steps.
 # Records in $OUT/results.json.
 #
 #   OUT=$OUT bash bench/run_mp2.sh          # carry [".whl", ".bench-assets"]; a 2-GPU kind
