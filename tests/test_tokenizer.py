@@ -66,6 +66,8 @@ def test_a_window_counted_then_encoded_is_encoded_once_and_callers_get_their_own
     prefix = "def add(a, b):\n    return a + b\n" * 40
     misses = tok._encode_kept.cache_info().misses
     count = tok.count_document(prefix)
+    for n in range(10):  # the window's lines, counted between the two, keep it
+        tok.count_document(f"    line_{n} = {n}\n")
     ids = tok.encode_document(prefix)
     assert tok._encode_kept.cache_info().misses == misses + 1
     assert len(ids) == count and ids == tok.encode(prefix)

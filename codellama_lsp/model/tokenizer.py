@@ -56,7 +56,7 @@ class Tokenizer:
         # Only the 70B-Instruct tokenizer has <step>; its presence selects the turn dialog format.
         self.step_id = self._piece_id("<step>")
         self._nospace_mark_id = self._sp.piece_to_id(_NOSPACE_MARK)
-        self._count_short = functools.lru_cache(maxsize=_COUNTS_KEPT)(self._count)
+        self._count_short = functools.lru_cache(maxsize=_COUNTS_KEPT)(self._count_line)
         self._encode_kept = functools.lru_cache(maxsize=_ENCODINGS_KEPT)(self._encode_tuple)
         self.special_ids: frozenset[int] = self._collect_special_ids()
         self._special_surfaces = self._collect_special_surfaces()
@@ -90,10 +90,11 @@ class Tokenizer:
         """`len(encode_document(text))`; remembered for short texts (lines)."""
         if len(text) <= _COUNTED_TEXT_CHARS:
             return int(self._count_short(text))
-        return self._count(text)
-
-    def _count(self, text: str) -> int:
         return len(self._encode_kept(text, False))
+
+    def _count_line(self, text: str) -> int:
+        # Not through the few kept whole encodings: a window's lines would push them out.
+        return len(self._encode_safe(text, nospace=False))
 
     def encode_document_nospace(self, text: str) -> list[int]:
         """`encode_nospace` for untrusted text: never yields a sentinel or control id."""
