@@ -63,13 +63,17 @@ def config_for(n: int, k: int) -> GemvConfig:
     return GemvConfig(16, 256, warps=4, stages=3)  # wqkv
 
 
+def rows_of(x: torch.Tensor) -> int:
+    """The rows of `x`: its vectors along the last dim (0 when it is empty)."""
+    return x.numel() // x.shape[-1] if x.numel() else 0
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, w)`, into `out` when given (contiguous, x's shape but the last dim);
     one-row products through the kernel where it runs. Products of more rows stay with cuBLAS:
     a Triton kernel for 2-16 rows (tensor cores, weights read once) was no faster at batch 16
     (BENCHMARKS.md runs 15-16)."""
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if rows != 1 or not w.dtype.is_floating_point or not available(x.device):
+    if rows_of(x) != 1 or not w.dtype.is_floating_point or not available(x.device):
         # `F.linear` without a bias is this product (`at::linear`), which has no `out`.
         return F.linear(x, w) if out is None else torch.matmul(x, w.t(), out=out)
     return gemv(x, w, out=out)
@@ -81,9 +85,8 @@ def swiglu(x: torch.Tensor, w13: torch.Tensor) -> torch.Tensor | None:
     `H + i` together and applies SwiGLU to its sums, rounded as `fused.silu_mul` rounds them).
     None where the kernel does not run (more rows, no Triton): then the product and SwiGLU go
     separately."""
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
     n, k = w13.shape
-    if rows != 1 or n % 2 or not available(x.device) or x.shape[-1] != k:
+    if rows_of(x) != 1 or n % 2 or not available(x.device) or x.shape[-1] != k:
         return None
     if w13.stride(1) != 1 or not w13.dtype.is_floating_point:
         return None

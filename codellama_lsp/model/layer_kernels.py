@@ -39,8 +39,7 @@ def add_rms_norm(
     if not available(x.device) or not _rows_ok(x, delta) or delta.dtype != x.dtype:
         return fused.add_rms_norm(x, delta, weight, eps)
     rows = x.numel() // dim
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    h, normed = _norm_outputs(x, weight)
     _kernels()[0][(rows,)](
         x,
         delta,
@@ -66,8 +65,7 @@ def peer_add_rms_norm(
     `peers` names (see `peer_sum`, which says how the ranks wait for each other)."""
     dim = x.shape[-1]
     rows = x.numel() // dim
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    h, normed = _norm_outputs(x, weight)
     _kernels()[2][(rows,)](
         x,
         peers.data_addresses,
@@ -118,6 +116,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate, up, out, gate_stride, up_stride, width, BLOCK=block, **launch_options(gate.device)
     )
     return out
+
+
+def _norm_outputs(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where an add + RMSNorm kernel stores the residual sum and its norm (the reference's
+    dtypes: x's, then x's promoted with the norm's weight)."""
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    return h, normed
 
 
 def _rows_ok(*tensors: torch.Tensor) -> bool:
@@ -210,6 +216,7 @@ def _kernels() -> tuple[Any, Any, Any]:
                 seen = tl.atomic_add(own + entry * WORLD + p, 0, sem="acquire", scope="sys")
         cols = tl.arange(0, BLOCK)
         ok = cols < dim
+        at_row = entry.to(tl.int64) * dim + cols
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for p in tl.static_range(WORLD):  # in rank order: the same sum on every rank
             # Peer buffers start page-aligned: said here, rows of a width Triton sees to be a
@@ -217,7 +224,6 @@ def _kernels() -> tuple[Any, Any, Any]:
             address = tl.load(data_addresses + p)
             data = tl.multiple_of(address.to(tl.pointer_type(h_ptr.dtype.element_ty)), 16)
             # ".cv": the peer's row as it is now, not a copy an earlier step left in a cache.
-            at_row = entry.to(tl.int64) * dim + cols
             row = tl.load(data + at_row, mask=ok, other=0.0, cache_modifier=".cv")
             total += row.to(tl.float32)
         at = tl.program_id(0).to(tl.int64) * dim

@@ -68,7 +68,7 @@ class PeerSums:
     def product(self, x: torch.Tensor, w: torch.Tensor) -> PeerPartial | None:
         """`x @ w.T` written into the next slot, or None (then the caller all-reduces) when it
         does not fit a slot: more rows than `max_rows`, another width, no slot left."""
-        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        rows = gemv.rows_of(x)
         fits = 0 < rows <= self.max_rows and w.shape[0] == self.dim
         if not fits or self._next_slot >= self.n_slots or x.dtype != self.data.local.dtype:
             return None
