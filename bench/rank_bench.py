@@ -152,10 +152,9 @@ def main() -> None:
     first = loops.prefill(model, cache, prompts)
     label = f"{shape}_mp{run.world}_rank" if run.world > 1 else f"{shape}_mp1"
     fast_ops, variants = model.ops, run.variants.split(",")
-    peers = None
-    if "peer" in variants and run.world > 1:
-        model.use_peer_sums(max(batches))
-        peers = model.peer_sums
+    if "peer" in variants:
+        model.use_peer_sums(max(batches))  # none at --world 1: nothing to sum
+    peers = model.peer_sums
     for _ in range(run.rounds):
         for variant in variants:
             use_variant(model, fast_ops, variant, peers)
