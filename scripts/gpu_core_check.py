@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     parser.add_argument("--ckpt", default="/tmp/codellama-gpu-check")
-    parser.add_argument("--tokenizer", default=".whl/codellama-tokenizer.model")
+    parser.add_argument("--tokenizer", default=".bench-assets/codellama-tokenizer.model")
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)

@@ -165,7 +165,9 @@ def table(steps: list[Step]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("."), help="folder of the JSON summary")
-    parser.add_argument("--tokenizer", type=Path, default=Path(".whl/codellama-tokenizer.model"))
+    parser.add_argument(
+        "--tokenizer", type=Path, default=Path(".bench-assets/codellama-tokenizer.model")
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="oom")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")

@@ -142,7 +142,7 @@ def test_long_documents_reach_their_length_and_differ(tokenizer_path: Path) -> N
 def test_the_arguments_parse_and_refuse_a_prompt_longer_than_the_model() -> None:
     args = parse_args([])
     assert (args.device, args.shape, args.long_tokens) == ("cuda", "oom", 6000)
-    assert args.tokenizer == Path(".whl/codellama-tokenizer.model")
+    assert args.tokenizer == Path(".bench-assets/codellama-tokenizer.model")
     with pytest.raises(SystemExit):
         parse_args(["--long-tokens", "9000"])
     assert subprocess.run([sys.executable, str(SCRIPT), "--help"], check=False).returncode == 0
