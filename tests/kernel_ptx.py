@@ -19,9 +19,9 @@ from codellama_lsp.model import decode_attention, gemv, kv_write, layer_kernels,
 HOPPER = GPUTarget("cuda", 90, 32)
 FLOAT32_POINTERS = {"table_ptr", "partial_ptr", "lse_ptr"}
 FLOAT_SCALARS = {"eps", "scale"}
-ALIGNED_INTS = {"dim"}
-INT64_POINTERS = {"rows_ptr", "start_ptr", "data_addresses", "flag_addresses"}
-INT32_POINTERS = {"count_ptr", "rounds_ptr"}
+ALIGNED_INTS = {"dim", "words"}
+INT64_POINTERS = {"rows_ptr", "start_ptr", "inbox_addresses"}
+INT32_POINTERS = {"count_ptr", "rounds_ptr", "partials_ptr"}
 
 
 def _signature(kernel: Any, constexprs: dict[str, Any]) -> dict[str, str]:
@@ -70,7 +70,7 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("kv_write", kv_write._kernel(), {"H_KV": 32, "HEADS": 4, "D": 128}),
         ("rope", rope_kernel._kernel(), {"H": 32, "H_KV": 32, "HEADS": 2, "HALF": 64}),
         ("add_rms_norm", add_norm, {"BLOCK": 4096}),
-        ("peer_add_rms_norm", peer_add_norm, {"WORLD": 2, "BLOCK": 8192}),
+        ("peer_add_rms_norm", peer_add_norm, {"WORLD": 2, "BLOCK": 8192, "PACK": 2}),
         ("silu_mul", silu, {"BLOCK": 1024}),
     ]
 

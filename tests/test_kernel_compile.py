@@ -83,15 +83,20 @@ def test_without_dependent_launch_there_is_no_grid_dependency_control(
     assert GLOBAL_STORE.search(body), f"{name} compiled to nothing"
 
 
-def test_peer_sums_signal_and_wait_at_system_scope(ptx: dict[str, dict[str, str]]) -> None:
-    """The flags cross GPUs: a rank's release of its row and its acquire of the peers' must be
-    ordered at system scope, and the peers' rows read past this SM's L1 (`peer_sum`)."""
+def test_peer_sums_write_whole_words_at_system_scope_then_poll_their_own(
+    ptx: dict[str, dict[str, str]],
+) -> None:
+    """The rows cross GPUs as 8-byte words of data and round (`peer_sum`): each written by one
+    system-scope atomic (never seen in part, never left in a cache), all of them before the
+    first poll of this rank's inbox. The polls and the reads of the values after them are
+    volatile (read from memory each time, never from this SM's L1, which may hold an earlier
+    round). Nothing waits on a fence."""
     for variant in ("pdl", "plain"):
         body = ptx["peer_add_rms_norm"][variant]
-        release = re.search(r"atom\.global\.sys\.release\.exch", body)
-        acquire = re.search(r"ld\.global\.sys\.acquire", body)
-        uncached = re.search(r"ld\.global\.cv", body)
-        assert release and acquire and uncached, variant
-        assert release.start() < acquire.start() < uncached.start(), variant
-        # The rows are read 16 bytes a load (the buffers' alignment told to the compiler).
-        assert "ld.global.cv.v4" in body and "ld.global.cv.b16" not in body, variant
+        writes = [m.start() for m in re.finditer(r"atom\.global\.sys\.relaxed\.exch\.b64", body)]
+        polls = [m.start() for m in re.finditer(r"ld\.volatile\.global\.b64", body)]
+        values = [m.start() for m in re.finditer(r"ld\.volatile\.global\.b16", body)]
+        assert writes and polls and values, variant
+        assert max(writes) < min(polls) < min(values), variant
+        assert not re.search(r"ld\.global(\.[a-z]+)*\.b16", body), "a value read through L1"
+        assert "fence" not in body and "membar" not in body, variant

@@ -29,16 +29,24 @@ DIM, SLOTS, MAX_ROWS = 64, 2, 4
 FORWARDS = 3  # each slot used three times: its rounds count 1, 2, 3
 
 
-def _operands(rank: int, forward: int, rows: int) -> tuple[torch.Tensor, ...]:
+def _operands(
+    rank: int, forward: int, rows: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, ...]:
     """This rank's input rows and weight for a forward, and the residual and norm weight every
-    rank shares."""
+    rank shares. In bfloat16 the product's operands are small integers, so that the ranks'
+    sums are exact: Triton's interpreter rounds float32 to bfloat16 toward zero, where torch
+    and the GPU round to nearest (the GPU check compares the rounded sums: `gpu_peer_check`)."""
     own = torch.Generator().manual_seed(100 * rank + forward)
     shared = torch.Generator().manual_seed(7 + forward)
-    x = torch.randn(rows, 1, DIM // 2, generator=own)
-    w = torch.randn(DIM, DIM // 2, generator=own)
+    if dtype == torch.float32:
+        x = torch.randn(rows, 1, DIM // 2, generator=own)
+        w = torch.randn(DIM, DIM // 2, generator=own)
+    else:  # |product| <= 2 * 2 * 32 = 128: a sum of two is a bfloat16 integer
+        x = torch.randint(-2, 3, (rows, 1, DIM // 2), generator=own).float()
+        w = torch.randint(-2, 3, (DIM, DIM // 2), generator=own).float()
     h = torch.randn(rows, 1, DIM, generator=shared)
     norm = torch.rand(DIM, generator=shared)
-    return x, w, h, norm
+    return tuple(t.to(dtype) for t in (x, w, h, norm))
 
 
 def _forwards(sums: PeerSums) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -47,17 +55,17 @@ def _forwards(sums: PeerSums) -> list[tuple[torch.Tensor, torch.Tensor]]:
     for forward in range(FORWARDS):
         sums.begin_forward()
         for rows in (1, 3):
-            x, w, h, norm = _operands(sums.rank, forward, rows)
+            x, w, h, norm = _operands(sums.rank, forward, rows, sums.dtype)
             partial = sums.product(x, w)
             assert partial is not None
             results.append(sums.add_rms_norm(h, partial, norm, 1e-5))
     return results
 
 
-def _rank_main(rank: int, store: str, out: str) -> None:
+def _rank_main(rank: int, store: str, out: str, dtype: torch.dtype) -> None:
     parallel.init_model_parallel(2, rank, "gloo", f"file://{store}", timeout_s=60)
     try:
-        sums = PeerSums(SLOTS, MAX_ROWS, DIM, torch.float32, torch.device("cpu"))
+        sums = PeerSums(SLOTS, MAX_ROWS, DIM, dtype, torch.device("cpu"))
         results = _forwards(sums)
         torch.save({"results": results, "rounds": sums.rounds.clone()}, f"{out}/rank{rank}.pt")
     finally:
@@ -66,15 +74,19 @@ def _rank_main(rank: int, store: str, out: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_ranks_sum_each_others_rows_in_rank_order(tmp_path: Path) -> None:
-    assert run_ranks(_rank_main, (str(tmp_path / "store"), str(tmp_path))) == [0, 0]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["one_value_a_word", "two"])
+def test_two_ranks_sum_each_others_rows_in_rank_order(tmp_path: Path, dtype: torch.dtype) -> None:
+    """float32 rows cross one value to a 32-bit word, bfloat16 rows two (`unpack_row`)."""
+    assert run_ranks(_rank_main, (str(tmp_path / "store"), str(tmp_path), dtype)) == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     index = 0
     for forward in range(FORWARDS):
         for rows in (1, 3):
-            products = [gemv.linear(*_operands(r, forward, rows)[:2]) for r in range(2)]
-            _, _, h, norm = _operands(0, forward, rows)
-            want = layer_kernels.add_rms_norm(h, products[0] + products[1], norm, 1e-5)
+            products = [gemv.linear(*_operands(r, forward, rows, dtype)[:2]) for r in range(2)]
+            _, _, h, norm = _operands(0, forward, rows, dtype)
+            # Summed in float32 and rounded once, as NCCL's sum of two ranks.
+            delta = (products[0].float() + products[1].float()).to(dtype)
+            want = layer_kernels.add_rms_norm(h, delta, norm, 1e-5)
             for rank in ranks:  # bit for bit, on both ranks
                 got = rank["results"][index]
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -117,17 +129,25 @@ def test_a_simulated_ranks_absent_peers_add_nothing_and_never_keep_it_waiting(
     assert result["rounds"][:3].tolist() == [1, 1, 0]
 
 
-def test_one_rank_sums_its_own_rows_and_signals_itself(single_process: None) -> None:
-    sums = PeerSums(SLOTS, MAX_ROWS, DIM, torch.float32, torch.device("cpu"))
-    x, w, h, norm = _operands(0, 0, 2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["one_value_a_word", "two"])
+def test_one_rank_sums_its_own_rows_through_its_inbox(
+    single_process: None, dtype: torch.dtype
+) -> None:
+    sums = PeerSums(SLOTS, MAX_ROWS, DIM, dtype, torch.device("cpu"))
+    x, w, h, norm = _operands(0, 0, 2, dtype)
     sums.begin_forward()
     partial = sums.product(x, w)
     assert partial is not None and partial.slot == 0
     got = sums.add_rms_norm(h, partial, norm, 1e-5)
     want = layer_kernels.add_rms_norm(h, gemv.linear(x, w), norm, 1e-5)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    # Its flag for row 0 and 1 of slot 0 (world 1: one flag per entry) says round 1.
-    assert sums.flags.local[:3].tolist() == [1, 1, 0]
+    # Entries 0 and 1 (rows 0 and 1 of slot 0) came through the inbox: round 1 beside each
+    # word, and the words are the partial rows' bits.
+    words = DIM * dtype.itemsize // 4
+    inbox = sums.inbox.local.view(SLOTS * MAX_ROWS, words)
+    assert (inbox[:2] >> 32).unique().tolist() == [1] and not inbox[2:].any()
+    data = (inbox[:2] & 0xFFFFFFFF).to(torch.int32).view(dtype).view(2, DIM)
+    assert torch.equal(data, partial.rows.view(2, DIM))
 
 
 def test_products_that_do_not_fit_a_slot_are_left_to_the_all_reduce(single_process: None) -> None:

@@ -62,24 +62,26 @@ def peer_add_rms_norm(
     peers: PeerRows,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_rms_norm(x, delta, ...)` where `delta` is the sum over the ranks of the rows that
-    `peers` names (see `peer_sum`, which says how the ranks wait for each other)."""
+    `peers` names (see `peer_sum`, which says how the rows reach every rank)."""
     dim = x.shape[-1]
     rows = x.numel() // dim
     h, normed = _norm_outputs(x, weight)
     _kernels()[2][(rows,)](
         x,
-        peers.data_addresses,
-        peers.flag_addresses,
+        peers.partials,
+        peers.inbox_addresses,
         peers.rounds,
         weight,
         h,
         normed,
         eps,
         dim,
+        peers.partials.shape[-1],
         peers.first_entry,
         peers.rank,
         WORLD=peers.world,
         BLOCK=next_pow2(dim),
+        PACK=dim // peers.partials.shape[-1],
         num_warps=_warps(dim),
         **launch_options(x.device),
     )
@@ -88,12 +90,14 @@ def peer_add_rms_norm(
 
 @dataclass(frozen=True)
 class PeerRows:
-    """Where `peer_add_rms_norm` finds the rows to sum: entry `first_entry + j` (row j) of
-    every rank's buffer, each `dim` values at `data_addresses[rank]`; its flags (one per entry
-    and rank) at `flag_addresses[rank]`; this rank's count of rounds per entry in `rounds`."""
+    """Where `peer_add_rms_norm` finds the rows to sum. `partials`: this rank's rows, one entry
+    per row (`[entries, words]` of int32: each row's values as 32-bit words, 1 or 2 values a
+    word). `inbox_addresses[p]`: rank p's inbox, `[entries, world, words]` of int64, where
+    every rank writes each word of its row beside the round it belongs to. `rounds`: this
+    rank's count of rounds per entry. Rows `0..` of the launch are entries `first_entry..`."""
 
-    data_addresses: torch.Tensor
-    flag_addresses: torch.Tensor
+    partials: torch.Tensor
+    inbox_addresses: torch.Tensor
     rounds: torch.Tensor
     first_entry: int
     rank: int
@@ -184,18 +188,20 @@ def _kernels() -> tuple[Any, Any, Any]:
     @triton.jit  # type: ignore[misc]
     def peer_add_rms_norm_kernel(
         x_ptr,
-        data_addresses,
-        flag_addresses,
+        partials_ptr,
+        inbox_addresses,
         rounds_ptr,
         weight_ptr,
         h_ptr,
         out_ptr,
         eps,
         dim,
+        words,
         first_entry,
         rank,
         WORLD: tl.constexpr,  # type: ignore[name-defined]
         BLOCK: tl.constexpr,  # type: ignore[name-defined]
+        PACK: tl.constexpr,  # type: ignore[name-defined]
         PDL: tl.constexpr,  # type: ignore[name-defined]
     ):
         if PDL:  # the product that wrote this rank's rows has finished
@@ -204,32 +210,37 @@ def _kernels() -> tuple[Any, Any, Any]:
         entry = first_entry + tl.program_id(0)
         round_ = tl.load(rounds_ptr + entry) + 1
         tl.store(rounds_ptr + entry, round_)
-        # This rank's row is in its buffer: say so on every rank (itself too) ...
-        for p in tl.static_range(WORLD):
-            flags = tl.load(flag_addresses + p).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(flags + entry * WORLD + rank, round_, sem="release", scope="sys")
-        # ... then wait until every rank has said so here.
-        own = tl.load(flag_addresses + rank).to(tl.pointer_type(tl.int32))
-        for p in tl.static_range(WORLD):
-            seen = tl.atomic_add(own + entry * WORLD + p, 0, sem="acquire", scope="sys")
-            while seen < round_:
-                seen = tl.atomic_add(own + entry * WORLD + p, 0, sem="acquire", scope="sys")
+        word = tl.arange(0, BLOCK // PACK)
+        ok = word < words
+        own = tl.load(partials_ptr + entry.to(tl.int64) * words + word, mask=ok, other=0)
+        # Each word of this rank's row beside its round, in one 8-byte word: a rank that sees
+        # the round sees the data (an aligned 8-byte store is never seen in part). No fence,
+        # no flag: the rows cross in one trip.
+        line = (round_.to(tl.int64) << 32) | own.to(tl.uint32).to(tl.int64)
+        own_line = (entry.to(tl.int64) * WORLD + rank) * words + word
+        for p in tl.static_range(WORLD):  # this rank's inbox too: every row is read alike
+            inbox = tl.load(inbox_addresses + p).to(tl.pointer_type(tl.int64))
+            tl.atomic_xchg(inbox + own_line, line, mask=ok, sem="relaxed", scope="sys")
+        mine = tl.load(inbox_addresses + rank).to(tl.pointer_type(tl.int64))
         cols = tl.arange(0, BLOCK)
-        ok = cols < dim
-        at_row = entry.to(tl.int64) * dim + cols
+        # Value i of a row sits in line i // PACK of its inbox, in the low 4 bytes (low half first).
+        in_line = (cols // PACK) * (2 * PACK) + cols % PACK
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for p in tl.static_range(WORLD):  # in rank order: the same sum on every rank
-            # Peer buffers start page-aligned: said here, rows of a width Triton sees to be a
-            # multiple of 16 load as vectors.
-            address = tl.load(data_addresses + p)
-            data = tl.multiple_of(address.to(tl.pointer_type(h_ptr.dtype.element_ty)), 16)
-            # ".cv": the peer's row as it is now, not a copy an earlier step left in a cache.
-            row = tl.load(data + at_row, mask=ok, other=0.0, cache_modifier=".cv")
+            lines = mine + (entry.to(tl.int64) * WORLD + p) * words
+            waiting = 1
+            while waiting != 0:  # until every word of rank p's row carries this round
+                got = tl.load(lines + word, mask=ok, other=0, volatile=True)
+                arrived = ((got >> 32) >= round_) | (word >= words)
+                waiting = 1 - tl.min(arrived.to(tl.int32), axis=0)
+            values = lines.to(tl.pointer_type(h_ptr.dtype.element_ty))
+            # Read again, volatile too (from memory, not from an L1 copy of an earlier round).
+            row = tl.load(values + in_line, mask=cols < dim, other=0.0, volatile=True)
             total += row.to(tl.float32)
         at = tl.program_id(0).to(tl.int64) * dim
-        x = tl.load(x_ptr + at + cols, mask=ok, other=0.0)
+        x = tl.load(x_ptr + at + cols, mask=cols < dim, other=0.0)
         delta = total.to(h_ptr.dtype.element_ty)  # rounded once, as an all-reduce of two ranks
-        store_add_rms_norm(x, delta, weight_ptr, h_ptr, out_ptr, at, cols, ok, eps, dim)
+        store_add_rms_norm(x, delta, weight_ptr, h_ptr, out_ptr, at, cols, cols < dim, eps, dim)
 
     @triton.jit  # type: ignore[misc]
     def silu_mul_kernel(

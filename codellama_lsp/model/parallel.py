@@ -150,7 +150,7 @@ class PeerBuffer:
 
 
 def peer_buffer(
-    numel: int, dtype: torch.dtype, device: torch.device, absent_peers_hold: float = 0
+    numel: int, dtype: torch.dtype, device: torch.device, absent_peers_hold: int | float = 0
 ) -> PeerBuffer:
     """A zeroed buffer of `numel` values on every rank, mapped into every rank's address space.
     Collective: every rank calls it with the same arguments.

@@ -3,23 +3,29 @@
 Why: split over ranks, every layer ends its attention and its feed-forward with a row-parallel
 product (`wo`, `w2`) whose partial rows the ranks must sum: 80 all-reduces in a 13B decode step.
 Through NCCL each is a kernel of its own and costs ~15-20 us in a graph; one rank's own work
-leaves ~7 us per all-reduce for the MP=2 target (BENCHMARKS.md, sixth session). Here the sum is
-folded into the kernel that needs it, the residual add + RMSNorm after the product:
+leaves ~2-7 us per all-reduce for the MP=2 target (BENCHMARKS.md, sixth and eighth sessions).
+Here the sum is folded into the kernel that needs it, the residual add + RMSNorm after the
+product:
 
-- the product writes this rank's partial rows into slot `k` of a buffer that every rank can
-  address (`parallel.peer_buffer`: symmetric memory on GPUs);
-- the add + RMSNorm kernel (one program per row) tells every rank that its row `j` of slot `k`
-  is there (a flag per slot, row and source rank, set to the slot's round, released at system
-  scope), waits until every rank said the same, then reads the row from every rank and sums it
-  in rank order in float32, rounded once to the activations' dtype (what an all-reduce of two
-  ranks gives; every rank computes the same values), and goes on as `layer_kernels`' add +
-  RMSNorm.
+- the product writes this rank's partial rows into slot `k` of a local buffer;
+- the add + RMSNorm kernel (one program per row) writes its row `j` of slot `k` into every
+  rank's inbox (`parallel.peer_buffer`: symmetric memory on GPUs), each 32-bit word of values
+  beside the slot's round in one 8-byte word; it then waits in its own inbox until every rank's
+  words of that row carry the round, sums the rows in rank order in float32, rounded once to
+  the activations' dtype (what an all-reduce of two ranks gives; every rank computes the same
+  values), and goes on as `layer_kernels`' add + RMSNorm.
 
-A forward takes the slots in order, one per row-parallel product, so slot `k` is written again
-only by a later forward. By then every rank has passed slot `k + 1`'s wait (or the next forward's
-slot 0's), and a rank arrives there only after it finished reading slot `k`: kernels run in
-stream order, and with dependent launch each first waits for the one before it. Rounds count up
-per (slot, row) on each rank; both ranks run the same forwards, so they agree.
+The round travels with the data, as in NCCL's low-latency protocol: an 8-byte word is written
+and seen whole, so a rank that sees the round has the data, with no fence and no separate flag
+to wait for. A row crosses from one GPU to another in one trip of stores, which do not wait for
+an answer; reading a peer's row (a first version) cost a flag's trip and then a round trip.
+
+A forward takes the slots in order, one per row-parallel product, so a rank writes slot `k` of
+a peer's inbox again only in a later forward. By then it has passed slot `k + 1`'s wait (or the
+next forward's slot 0's), which needs the peer's row of that slot, which the peer writes only
+after it finished reading slot `k`: kernels run in stream order, and with dependent launch each
+first waits for the one before it. Rounds count up per (slot, row) on each rank; both ranks run
+the same forwards, so they agree.
 
 Only one-token steps and short forwards use it (`max_rows`); longer ones, or a product whose
 output is not the model's width, go through the all-reduce as before. Every rank decides the
@@ -51,13 +57,17 @@ class PeerSums:
     def __init__(
         self, n_slots: int, max_rows: int, dim: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        self.n_slots, self.max_rows, self.dim = n_slots, max_rows, dim
+        if dtype.itemsize not in (2, 4) or (dim * dtype.itemsize) % 4:
+            raise ValueError(f"peer sums pack 16- or 32-bit values in 32-bit words, not {dtype}")
+        self.n_slots, self.max_rows, self.dim, self.dtype = n_slots, max_rows, dim, dtype
         self.rank, self.world = parallel.model_parallel_rank(), parallel.model_parallel_world_size()
         entries = n_slots * max_rows
-        self.data = parallel.peer_buffer(entries * dim, dtype, device)
-        # A simulated rank's absent peers have always arrived (`parallel.init_simulated_rank`).
-        arrived = torch.iinfo(torch.int32).max
-        self.flags = parallel.peer_buffer(entries * self.world, torch.int32, device, arrived)
+        self.partials = torch.zeros(entries, dim, dtype=dtype, device=device)
+        words = dim * dtype.itemsize // 4
+        # A simulated rank's absent peers have always written: the highest round, zero data.
+        arrived = torch.iinfo(torch.int32).max << 32
+        lines = entries * self.world * words
+        self.inbox = parallel.peer_buffer(lines, torch.int64, device, arrived)
         self.rounds = torch.zeros(entries, dtype=torch.int32, device=device)
         self._next_slot = 0
 
@@ -70,11 +80,11 @@ class PeerSums:
         does not fit a slot: more rows than `max_rows`, another width, no slot left."""
         rows = gemv.rows_of(x)
         fits = 0 < rows <= self.max_rows and w.shape[0] == self.dim
-        if not fits or self._next_slot >= self.n_slots or x.dtype != self.data.local.dtype:
+        if not fits or self._next_slot >= self.n_slots or x.dtype != self.dtype:
             return None
         slot, self._next_slot = self._next_slot, self._next_slot + 1
-        start = slot * self.max_rows * self.dim
-        out = self.data.local[start : start + rows * self.dim].view(*x.shape[:-1], self.dim)
+        start = slot * self.max_rows
+        out = self.partials[start : start + rows].view(*x.shape[:-1], self.dim)
         gemv.linear(x, w, out=out)
         return PeerPartial(slot, out)
 
@@ -86,8 +96,8 @@ class PeerSums:
         if x.shape != partial.rows.shape or not x.is_contiguous():
             raise ValueError(f"peer sum of {tuple(partial.rows.shape)} onto {tuple(x.shape)}")
         peers = PeerRows(
-            self.data.addresses,
-            self.flags.addresses,
+            self.partials.view(torch.int32),
+            self.inbox.addresses,
             self.rounds,
             first_entry=partial.slot * self.max_rows,
             rank=self.rank,
