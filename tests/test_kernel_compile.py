@@ -40,9 +40,19 @@ GLOBAL_STORE = re.compile(r"^\s*(@!?%p\d+\s+)?st\.global", re.M)
 GLOBAL_LOAD = re.compile(r"^\s*(@!?%p\d+\s+)?ld\.global", re.M)
 
 
+# Another Triton to compile with, installed in this folder (`make ptx-device`: the GPU
+# machines' torch brings an older Triton than this machine's, and a kernel that one compiles
+# the other may not).
+OTHER_TRITON = "CODELLAMA_LSP_PTX_TRITON"
+
+
 @pytest.fixture(scope="module")
 def ptx() -> dict[str, dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if env.get(OTHER_TRITON):
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [env[OTHER_TRITON], env.get("PYTHONPATH")])
+        )
     script = Path(__file__).with_name("kernel_ptx.py")
     done = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
