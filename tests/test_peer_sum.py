@@ -7,6 +7,7 @@ other's flags and read each other's rows. (A whole model served this way over tw
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ pytestmark = [
 
 DIM, SLOTS, MAX_ROWS = 64, 2, 4
 FORWARDS = 3  # each slot used three times: its rounds count 1, 2, 3
+LATE_S = 2.0
 
 
 def _operands(
@@ -50,9 +52,13 @@ def _operands(
 
 
 def _forwards(sums: PeerSums) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`FORWARDS` forwards of two row-parallel products each (1 row, then 3), summed."""
+    """`FORWARDS` forwards of two row-parallel products each (1 row, then 3), summed. Rank 1
+    starts its second forward late: rank 0 must wait for its rows (an earlier round's rows of
+    rank 1 are in rank 0's inbox meanwhile, and summing them would fail the test)."""
     results = []
     for forward in range(FORWARDS):
+        if sums.rank == 1 and forward == 1:
+            time.sleep(LATE_S)
         sums.begin_forward()
         for rows in (1, 3):
             x, w, h, norm = _operands(sums.rank, forward, rows, sums.dtype)

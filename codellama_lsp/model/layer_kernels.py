@@ -225,15 +225,17 @@ def _kernels() -> tuple[Any, Any, Any]:
         cols = tl.arange(0, BLOCK)
         # Value i of a row sits in line i // PACK of its inbox, in the low 4 bytes (low half first).
         in_line = (cols // PACK) * (2 * PACK) + cols % PACK
+        rows = mine + entry.to(tl.int64) * WORLD * words  # every rank's row of this entry
+        late = 1
+        while late != 0:  # until every word of every rank's row carries this round
+            missing = tl.zeros((BLOCK // PACK,), dtype=tl.int32)
+            for p in tl.static_range(WORLD):  # all ranks' loads in flight at once
+                got = tl.load(rows + p * words + word, mask=ok, other=0, volatile=True)
+                missing += (ok & ((got >> 32) < round_)).to(tl.int32)
+            late = tl.max(missing, axis=0)
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for p in tl.static_range(WORLD):  # in rank order: the same sum on every rank
-            lines = mine + (entry.to(tl.int64) * WORLD + p) * words
-            waiting = 1
-            while waiting != 0:  # until every word of rank p's row carries this round
-                got = tl.load(lines + word, mask=ok, other=0, volatile=True)
-                arrived = ((got >> 32) >= round_) | (word >= words)
-                waiting = 1 - tl.min(arrived.to(tl.int32), axis=0)
-            values = lines.to(tl.pointer_type(h_ptr.dtype.element_ty))
+            values = (rows + p * words).to(tl.pointer_type(h_ptr.dtype.element_ty))
             # Read again, volatile too (from memory, not from an L1 copy of an earlier round).
             row = tl.load(values + in_line, mask=cols < dim, other=0.0, volatile=True)
             total += row.to(tl.float32)
