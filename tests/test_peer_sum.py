@@ -186,3 +186,12 @@ def test_the_setting_and_flag_reach_the_worker_settings() -> None:
     assert problems == [] and edited.model.peer_all_reduce
     _, problems = apply_settings(Config(), {"model": {"peerAllReduce": "yes please"}})
     assert len(problems) == 1 and "peerAllReduce" in problems[0].key
+
+
+def test_only_rows_of_whole_32_bit_words_cross(single_process: None) -> None:
+    """Rows go as 32-bit words of one float32 or two 16-bit values; other rows all-reduce."""
+    assert PeerSums.packs(DIM, torch.float32) and PeerSums.packs(DIM, torch.bfloat16)
+    assert PeerSums.packs(DIM, torch.float16) and PeerSums.packs(DIM - 1, torch.float32)
+    assert not PeerSums.packs(DIM, torch.float64) and not PeerSums.packs(DIM - 1, torch.bfloat16)
+    with pytest.raises(ValueError, match="32-bit words"):
+        PeerSums(SLOTS, MAX_ROWS, DIM, torch.float64, torch.device("cpu"))

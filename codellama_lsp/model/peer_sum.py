@@ -57,7 +57,7 @@ class PeerSums:
     def __init__(
         self, n_slots: int, max_rows: int, dim: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        if dtype.itemsize not in (2, 4) or (dim * dtype.itemsize) % 4:
+        if not PeerSums.packs(dim, dtype):
             raise ValueError(f"peer sums pack 16- or 32-bit values in 32-bit words, not {dtype}")
         self.n_slots, self.max_rows, self.dim, self.dtype = n_slots, max_rows, dim, dtype
         self.rank, self.world = parallel.model_parallel_rank(), parallel.model_parallel_world_size()
@@ -70,6 +70,11 @@ class PeerSums:
         self.inbox = parallel.peer_buffer(lines, torch.int64, device, arrived)
         self.rounds = torch.zeros(entries, dtype=torch.int32, device=device)
         self._next_slot = 0
+
+    @staticmethod
+    def packs(dim: int, dtype: torch.dtype) -> bool:
+        """Whether rows of `dim` values of `dtype` fill whole 32-bit words of 1 or 2 values."""
+        return dtype.itemsize in (2, 4) and (dim * dtype.itemsize) % 4 == 0
 
     def begin_forward(self) -> None:
         """A forward starts: its products take the slots from the first."""

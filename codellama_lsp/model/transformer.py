@@ -461,9 +461,10 @@ class Transformer(nn.Module):
     def use_peer_sums(self, max_rows: int) -> None:
         """Sum the row-parallel products of forwards of up to `max_rows` rows through peer
         memory (`peer_sum`) whenever the Triton kernels run: 2 slots per layer. Collective:
-        every rank calls it. World size 1 has nothing to sum."""
-        if parallel.model_parallel_world_size() > 1:
-            weight = self.norm.weight
+        every rank calls it. World size 1 has nothing to sum; other dtypes than 16- and 32-bit
+        floats all-reduce as before."""
+        weight = self.norm.weight
+        if parallel.model_parallel_world_size() > 1 and PeerSums.packs(self.args.dim, weight.dtype):
             n_slots = 2 * self.args.n_layers
             self.peer_sums = PeerSums(n_slots, max_rows, self.args.dim, weight.dtype, weight.device)
 
