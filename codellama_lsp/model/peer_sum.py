@@ -17,8 +17,8 @@ product:
 
 The round travels with the data, as in NCCL's low-latency protocol: an 8-byte word is written
 and seen whole, so a rank that sees the round has the data, with no fence and no separate flag
-to wait for. A row crosses from one GPU to another in one trip of stores, which do not wait for
-an answer; reading a peer's row (a first version) cost a flag's trip and then a round trip.
+to wait for. A row crosses from one GPU to another in one trip of writes whose answers no
+thread waits for; reading a peer's row (a first version) cost a flag's trip, then a round trip.
 
 A forward takes the slots in order, one per row-parallel product, so a rank writes slot `k` of
 a peer's inbox again only in a later forward. By then it has passed slot `k + 1`'s wait (or the
