@@ -210,22 +210,24 @@ def _kernels() -> tuple[Any, Any, Any]:
         entry = first_entry + tl.program_id(0)
         round_ = tl.load(rounds_ptr + entry) + 1
         tl.store(rounds_ptr + entry, round_)
+        entry64 = entry.to(tl.int64)
         word = tl.arange(0, BLOCK // PACK)
         ok = word < words
-        own = tl.load(partials_ptr + entry.to(tl.int64) * words + word, mask=ok, other=0)
+        own = tl.load(partials_ptr + entry64 * words + word, mask=ok, other=0)
         # Each word of this rank's row beside its round, in one 8-byte word: a rank that sees
         # the round sees the data (an aligned 8-byte store is never seen in part). No fence,
         # no flag: the rows cross in one trip.
         line = (round_.to(tl.int64) << 32) | own.to(tl.uint32).to(tl.int64)
-        own_line = (entry.to(tl.int64) * WORLD + rank) * words + word
+        entry_lines = entry64 * WORLD * words  # where every rank's row of this entry starts
+        own_line = entry_lines + rank * words + word
         for p in tl.static_range(WORLD):  # this rank's inbox too: every row is read alike
             inbox = tl.load(inbox_addresses + p).to(tl.pointer_type(tl.int64))
             tl.atomic_xchg(inbox + own_line, line, mask=ok, sem="relaxed", scope="sys")
-        mine = tl.load(inbox_addresses + rank).to(tl.pointer_type(tl.int64))
+        rows = tl.load(inbox_addresses + rank).to(tl.pointer_type(tl.int64)) + entry_lines
         cols = tl.arange(0, BLOCK)
+        col_ok = cols < dim
         # Value i of a row sits in line i // PACK of its inbox, in the low 4 bytes (low half first).
         in_line = (cols // PACK) * (2 * PACK) + cols % PACK
-        rows = mine + entry.to(tl.int64) * WORLD * words  # every rank's row of this entry
         late = 1
         while late != 0:  # until every word of every rank's row carries this round
             missing = tl.zeros((BLOCK // PACK,), dtype=tl.int32)
@@ -237,12 +239,12 @@ def _kernels() -> tuple[Any, Any, Any]:
         for p in tl.static_range(WORLD):  # in rank order: the same sum on every rank
             values = (rows + p * words).to(tl.pointer_type(h_ptr.dtype.element_ty))
             # Read again, volatile too (from memory, not from an L1 copy of an earlier round).
-            row = tl.load(values + in_line, mask=cols < dim, other=0.0, volatile=True)
+            row = tl.load(values + in_line, mask=col_ok, other=0.0, volatile=True)
             total += row.to(tl.float32)
         at = tl.program_id(0).to(tl.int64) * dim
-        x = tl.load(x_ptr + at + cols, mask=cols < dim, other=0.0)
+        x = tl.load(x_ptr + at + cols, mask=col_ok, other=0.0)
         delta = total.to(h_ptr.dtype.element_ty)  # rounded once, as an all-reduce of two ranks
-        store_add_rms_norm(x, delta, weight_ptr, h_ptr, out_ptr, at, cols, cols < dim, eps, dim)
+        store_add_rms_norm(x, delta, weight_ptr, h_ptr, out_ptr, at, cols, col_ok, eps, dim)
 
     @triton.jit  # type: ignore[misc]
     def silu_mul_kernel(
