@@ -20,8 +20,9 @@ programmatic dependents, attention's spans merged by its split kernel), `no_pdl`
 `fifth` (the fifth session's kernels: neither), `swiglu` (`fused` with the feed-forward's
 hidden state from one kernel, `gemv.swiglu`) and `peer` (`fused` with the row-parallel sums
 through peer memory, `model/peer_sum.py`: with --world > 1 the absent peers' rows are zeros
-and their flags always set, so the step holds the fused kernels' own work, the peers' reads
-from local memory, and no collective but the logits' all-gather).
+of the highest round, always there, so the step holds the fused kernels' own work, this rank's
+writes of its rows (to itself and to a local stand-in), the reads of its inbox, and no
+collective but the logits' all-gather).
 
     python bench/rank_bench.py --model 13b --world 2 [--profile] [--json results.json]
     python bench/rank_bench.py --model 7b --world 1 --variants fused,fifth --rounds 2

@@ -1,11 +1,11 @@
 """Peer sums (`model/peer_sum.py`) on the GPUs of one host: one rank per GPU over NCCL (world
-size 1 on one GPU: the kernel then signals and waits for itself only).
+size 1 on one GPU: the kernel then writes its rows to and waits for itself only).
 
 A forward of `--slots` seams, as a layer runs them: a row-parallel product of each rank's own
 weight written into a slot, then the add + RMSNorm that sums it over the ranks. Checked bit for
 bit against the same seams through NCCL's all-reduce and `layer_kernels.add_rms_norm`, eagerly
-and then `--iters` times replayed in a CUDA graph with new inputs each time (the flags' rounds
-count on, the slots are reused: what a decode loop does), and both graphs timed.
+and then `--iters` times replayed in a CUDA graph with new inputs each time (the rounds count
+on, the slots and inboxes are reused: what a decode loop does), and both graphs timed.
 
     python scripts/gpu_peer_check.py [--world N] [--rows 1,16] [--iters 200]
 """

@@ -1,8 +1,8 @@
 """Peer sums (`model/peer_sum.py`): row-parallel products summed over the ranks inside the add +
 RMSNorm kernel, through buffers every rank addresses. On the CPU the kernels run in Triton's
-interpreter and the ranks' buffers are shared files, so two rank processes really wait for each
-other's flags and read each other's rows. (A whole model served this way over two ranks:
-`test_triton_kernels`' two-rank engine test with `peer_sums`.)"""
+interpreter and the ranks' inboxes are shared files, so two rank processes really write their
+rows into each other's inboxes and wait for them there. (A whole model served this way over
+two ranks: `test_triton_kernels`' two-rank engine test with `peer_sums`.)"""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def _rank_main(rank: int, store: str, out: str, dtype: torch.dtype) -> None:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["one_value_a_word", "two"])
 def test_two_ranks_sum_each_others_rows_in_rank_order(tmp_path: Path, dtype: torch.dtype) -> None:
-    """float32 rows cross one value to a 32-bit word, bfloat16 rows two (`unpack_row`)."""
+    """float32 rows cross one value to a 32-bit word, bfloat16 rows two (the kernel's
+    `in_line` finds each value in its word)."""
     assert run_ranks(_rank_main, (str(tmp_path / "store"), str(tmp_path), dtype)) == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     index = 0
