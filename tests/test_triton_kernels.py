@@ -480,8 +480,8 @@ def test_two_ranks_with_the_kernels_generate_what_one_plain_rank_does(
 ) -> None:
     """Across ranks the kernels read the all-reduces' results: those must be waited for
     (functional collectives return lazy tensors that a kernel's raw pointer would read early).
-    With peer sums, the ranks' processes wait for each other inside the add + RMSNorm kernel
-    through shared memory, and read each other's rows there."""
+    With peer sums, the ranks' processes write their rows into each other's inboxes (shared
+    files) inside the add + RMSNorm kernel, and wait for each other's there."""
     doc = tuple(PROMPT.tolist())
     requests = [EngineRequest(f"r{i}", doc[:n], SamplingParams(5)) for i, n in enumerate((20, 40))]
     kwargs = {"max_batch_size": 2, "max_seq_len": 96, "device": "cpu", "prefill_chunk": 16}
