@@ -1,5 +1,6 @@
 # Sourced by the device-call scripts (run_all.sh, run_13b.sh, run_serving.sh), from the repo root
-# with $OUT set: the wheels carried in .whl installed when fairscale is missing, PYTHONPATH, a log
+# with $OUT set: the wheels carried in .whl (`bench/device_assets.sh` makes that folder and
+# .bench-assets) installed when fairscale is missing, PYTHONPATH, a log
 # of everything in $OUT/log, the card, and `step SECONDS NAME COMMAND...` (a time limit; a failed
 # step is reported and the script goes on). `write_checkpoint SHAPE` writes the random checkpoint
 # of that shape under $CKPT when it is missing.

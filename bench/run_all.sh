@@ -6,8 +6,8 @@
 #   bash bench/run_all.sh --tiny           # CPU smoke run of every script
 # Options: --models "7b 13b"  --compile MODE (also time torch.compile's decode step)
 #          --skip-tests  --skip-worker  --skip-lsp  --skip-memory
-# On the device machine, first copy the tokenizer here: .bench-assets/codellama-tokenizer.model
-# (../shared does not travel), and carry [".whl", ".bench-assets"].
+# Carry [".whl", ".bench-assets"], made here first by `bash bench/device_assets.sh` (the
+# wheels the GPU image lacks, and the tokenizer: ../shared does not travel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick="" models="7b 13b" compile="" tiny="" tests=1 worker=1 lsp=1 memory=1 limit=600
